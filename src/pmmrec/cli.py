@@ -1,0 +1,277 @@
+"""The ``pmmrec`` command line. Each command parses its arguments and calls one library function.
+
+User errors (:class:`pmmrec.errors.PmmrecError`) print one line and exit with status 2; ``--debug`` shows the
+traceback. Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from pmmrec import __version__
+from pmmrec.errors import NotImplementedYet, PmmrecError
+
+log = logging.getLogger("pmmrec")
+
+EPILOG_CONFIG = ("Overrides are dotted.key=value words after the options, e.g. model.fusion=sum train.epochs=3; "
+                 "`pmmrec config show -c FILE` prints every key with its resolved value.")
+
+
+def _example(text: str) -> str:
+    return f"example:\n  {text}\n\n{EPILOG_CONFIG}" if "-c " in text else f"example:\n  {text}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data commands
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from pmmrec.data.synth import SynthConfig, synthesize_world
+
+    summary = synthesize_world(args.out, SynthConfig(seed=args.seed, quick=args.quick), overwrite=args.overwrite)
+    print(summary.format() if hasattr(summary, "format") else summary)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    groups = _parse_groups(args.group) if args.group else None
+    if args.split_by and not groups:
+        raise PmmrecError("--split-by needs at least one --group NAME=VALUE,VALUE (e.g. --group kids=Animation)")
+    from pmmrec.data.prepare import PrepareColumns, prepare_domain
+
+    columns = PrepareColumns(user=args.user_col, item=args.item_col, time=args.time_col, title=args.title_col,
+                             image=args.image_col, meta_item=args.meta_item_col, sep=args.sep,
+                             list_sep=args.list_sep)
+    report = prepare_domain(args.interactions, args.items, args.out, image_dir=args.images, columns=columns,
+                            kcore=args.kcore, min_seq_len=args.min_seq_len, split_by=args.split_by,
+                            groups=groups, empty_title=args.empty_title, overwrite=args.overwrite)
+    print(report.summary())
+
+
+def _parse_groups(specs: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise PmmrecError(f"--group {spec!r}: expected NAME=VALUE[,VALUE...], e.g. kids=Animation,Children's")
+        if name.strip() in groups:
+            raise PmmrecError(f"--group {name.strip()!r} given twice")
+        groups[name.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return groups
+
+
+def cmd_data_build_images(args: argparse.Namespace) -> None:
+    from pmmrec.data.image_db import build_image_db
+
+    report = build_image_db(args.image_dir, args.out, overwrite=args.overwrite, workers=args.workers,
+                            resize=args.resize)
+    print(report.summary())
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from pmmrec.data.domain import read_domain
+    from pmmrec.data.stats import domain_stats, format_stats
+
+    domain = read_domain(args.domain, empty_title="blank")
+    stats = domain_stats(domain)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config, training and later-stage commands
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from pmmrec.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        if getattr(args, "config", None) is not None or getattr(args, "overrides", None):
+            from pmmrec.config import load_config
+
+            load_config(args.config, args.overrides)  # a typo in the config is still reported first
+        raise NotImplementedYet(f"`pmmrec {what}` is not implemented yet (planned: {issue})")
+
+    return run
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pmmrec.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("-c", "--config", required=required, help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="pmmrec", parents=[common], formatter_class=formatter,
+        description="Transferable, ID-free, multi-modal sequential recommendation (PMMRec, ICDE 2024).\n"
+                    "Items are known only by their title and image, so new items are recommendable at once.",
+        epilog="typical flow:\n"
+               "  pmmrec data synth --out data/world            # the built-in multi-domain world\n"
+               "  pmmrec pretrain -c configs/pretrain.yaml      # pretrain on the source domains\n"
+               "  pmmrec transfer -c configs/transfer.yaml --from runs/pretrain/checkpoints/best.pt\n"
+               "  pmmrec evaluate -c configs/transfer.yaml\n"
+               "Run `pmmrec COMMAND --help` for each command's options and an example.")
+    parser.add_argument("--version", action="version", version=f"pmmrec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(subparsers, name: str, help: str, example: str, func, **kw) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help, description=help, parents=[common], formatter_class=formatter,
+                                  epilog=_example(example), **kw)
+        p.set_defaults(func=func)
+        return p
+
+    # data ------------------------------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="prepare domains, build image databases, synthesise the built-in world",
+                          parents=[common])
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    p = add(dsub, "synth", "write the built-in multi-domain world (3 source domains + `target`)",
+            "pmmrec data synth --out data/world --seed 0", cmd_data_synth)
+    p.add_argument("--out", required=True, help="output folder (one domain folder per domain)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--quick", action="store_true", help="a tiny world, for tests and smoke runs")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add(dsub, "prepare", "import an interaction log + item metadata (+ images) into a domain folder",
+            "pmmrec data prepare ratings.csv movies.csv --out data/ml1m --images posters/ "
+            "--item-col movie_id --user-col user_id --meta-item-col movie_id", cmd_data_prepare)
+    p.add_argument("interactions", help="CSV/TSV/Parquet with user, item, timestamp columns")
+    p.add_argument("items", help="CSV/TSV/Parquet with item, title[, image_path][, list columns such as genres]")
+    p.add_argument("--out", required=True, help="output domain folder (or parent folder with --split-by)")
+    p.add_argument("--images", help="folder of images named <item id>.<ext> (or use --image-col)")
+    p.add_argument("--user-col", default="user", help="user column of INTERACTIONS (default: user)")
+    p.add_argument("--item-col", default="item", help="item column of INTERACTIONS (default: item)")
+    p.add_argument("--time-col", default="timestamp", help="time column of INTERACTIONS (default: timestamp)")
+    p.add_argument("--meta-item-col", default=None, help="item column of ITEMS (default: same as --item-col)")
+    p.add_argument("--title-col", default="title", help="title column of ITEMS (default: title)")
+    p.add_argument("--image-col", default="image_path", help="image path column of ITEMS, if present")
+    p.add_argument("--sep", default="auto", help="field separator for CSV/TSV: auto (default), ',', '\\t', ...")
+    p.add_argument("--list-sep", default="|", help="separator inside list columns such as genres (default: |)")
+    p.add_argument("--kcore", type=int, default=0, help="k-core filtering of users and items (0 = off)")
+    p.add_argument("--min-seq-len", type=int, default=3, help="drop users with fewer interactions (default 3)")
+    p.add_argument("--empty-title", choices=["error", "blank", "drop"], default="error",
+                   help="items with an empty title: fail (default), keep with an empty title, or drop")
+    p.add_argument("--split-by", help="a list column of ITEMS (e.g. genres): write one domain per --group")
+    p.add_argument("--group", action="append", metavar="NAME=V1,V2",
+                   help="a domain of --split-by: items whose values meet V1,V2 (first matching group wins)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add(dsub, "build-images", "build an image LMDB from a folder of image files (file stem = item id)",
+            "pmmrec data build-images posters/ data/ml1m/images.lmdb --workers 2", cmd_data_build_images)
+    p.add_argument("image_dir", help="folder of images (searched recursively)")
+    p.add_argument("out", help="the LMDB folder to create")
+    p.add_argument("--workers", type=int, default=None, help="decode/validate processes (default: all cores)")
+    p.add_argument("--resize", type=int, default=None, help="store re-encoded with the longer side <= PX")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = add(dsub, "stats", "print users / items / interactions / density / sequence lengths of a domain",
+            "pmmrec data stats data/world/target", cmd_data_stats)
+    p.add_argument("domain", help="a domain folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    # config ----------------------------------------------------------------------------------------------------
+    cfg = sub.add_parser("config", help="inspect configurations", parents=[common])
+    csub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    p = add(csub, "show", "print the fully resolved config (recipe + overrides + defaults)",
+            "pmmrec config show -c configs/tiny.yaml model.fusion=sum", cmd_config_show)
+    _config_args(p)
+
+    # training and beyond ------------------------------------------------------------------------------------------
+    p = add(sub, "pretrain", "pretrain on several source domains (next-item, NICL, NID, RCL)",
+            "pmmrec pretrain -c configs/pretrain.yaml data.sources=[data/world/books,data/world/films]",
+            _not_yet("pretrain", "the pretraining issue"))
+    _config_args(p)
+    p = add(sub, "transfer", "fine-tune a pretrained checkpoint on a target domain, by part and modality",
+            "pmmrec transfer -c configs/transfer.yaml --from runs/pretrain/checkpoints/best.pt "
+            "transfer.parts=item_encoder", _not_yet("transfer", "the pretraining issue"))
+    p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint")
+    _config_args(p)
+    p = add(sub, "train", "train from scratch on one domain (any item tower)",
+            "pmmrec train -c configs/tiny.yaml data.domain=data/world/target",
+            _not_yet("train", "the recommender-core issue"))
+    _config_args(p)
+    p = add(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K) of a checkpoint",
+            "pmmrec evaluate -c configs/tiny.yaml --checkpoint runs/x/checkpoints/best.pt",
+            _not_yet("evaluate", "the recommender-core issue"))
+    p.add_argument("--checkpoint")
+    _config_args(p)
+    p = add(sub, "recommend", "top-K next items for a history of raw item ids",
+            "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10",
+            _not_yet("recommend", "the serving issue"))
+    p.add_argument("--checkpoint")
+    p.add_argument("--history")
+    p.add_argument("-k", type=int, default=10)
+    p = add(sub, "export-embeddings", "write item vectors (.npy) and their ids",
+            "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy",
+            _not_yet("export-embeddings", "the serving issue"))
+    p.add_argument("--checkpoint")
+    p.add_argument("--out")
+    p = add(sub, "serve", "HTTP service (FastAPI) with /recommend, /items, /health",
+            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000",
+            _not_yet("serve", "the serving issue"))
+    p.add_argument("--checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p = add(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
+            "pmmrec bench train --out bench.json --quick", _not_yet("bench", "the speed issue"))
+    p.add_argument("what", choices=["train", "eval", "serve"])
+    p.add_argument("--out")
+    p.add_argument("--quick", action="store_true")
+
+    p = add(sub, "demo", "the end-to-end demo on the built-in world (what `make demo` runs)",
+            "pmmrec demo --out runs/demo --quick", cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="demo folder (report.md, world/, config.yaml)")
+    p.add_argument("--quick", action="store_true", help="a tiny world, done in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except PmmrecError as e:
+        if debug:
+            raise
+        print(f"pmmrec: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, missing file: the environment, not a pmmrec bug
+        if debug:
+            raise
+        print(f"pmmrec: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pmmrec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
