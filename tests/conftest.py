@@ -22,3 +22,32 @@ def movielens() -> Path:
     if not (path / "ratings.csv").is_file():
         pytest.skip(f"shared dataset absent: {path} (only the developers' machines have it)")
     return path
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 16, fmt: str = "PNG") -> bytes:
+    """A small solid-colour image, encoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tiny_domain(tmp_path) -> Path:
+    """A 6-item, 4-user domain folder with titles and an image LMDB (item i6 has no image)."""
+    from pmmrec.data.domain import write_domain_tables
+    from pmmrec.data.image_db import write_image_db
+
+    root = tmp_path / "tiny"
+    root.mkdir()
+    ids = [f"i{k}" for k in range(1, 7)]
+    titles = ["Red Apple Pie", "green tea", "A much longer title about blue oceans and ships", "x", "Yellow sun",
+              "no image here"]
+    users = [["i1", "i2", "i3"], ["i2", "i3", "i4", "i5"], ["i5", "i1", "i2", "i6"], ["i3", "i4", "i1"]]
+    write_domain_tables(root, ids, titles, ["u1", "u2", "u3", "u4"], users)
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0), (255, 255, 0)]
+    write_image_db(root / "images.lmdb", [(iid, png_bytes(c)) for iid, c in zip(ids, colors)])
+    return root

@@ -101,6 +101,34 @@ def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pmmrec.config import load_config
+    from pmmrec.training.trainer import train
+
+    results = train(load_config(args.config, args.overrides), resume=args.resume)
+    _print_results(results)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pmmrec.training.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_results(results)
+
+
+def _print_results(results: dict) -> None:
+    """A small table: split x protocol -> HR/NDCG/MRR@K."""
+    for split in ("valid", "test"):
+        if split not in results:
+            continue
+        for protocol, metrics in results[split].items():
+            cells = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("MRR"))
+            print(f"{split:5s} {protocol:15s} {cells}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pmmrec.demo import run_demo
 
@@ -208,15 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
             "transfer.parts=item_encoder", _not_yet("transfer", "the pretraining issue"))
     p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint")
     _config_args(p)
-    p = add(sub, "train", "train from scratch on one domain (any item tower)",
-            "pmmrec train -c configs/tiny.yaml data.domain=data/world/target",
-            _not_yet("train", "the recommender-core issue"))
+    p = add(sub, "train", "train from scratch on one domain (any item tower); writes run.dir",
+            "pmmrec train -c configs/tiny.yaml data.domain=data/world/target run.dir=runs/tiny", cmd_train)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
     _config_args(p)
-    p = add(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K) of a checkpoint",
-            "pmmrec evaluate -c configs/tiny.yaml --checkpoint runs/x/checkpoints/best.pt",
-            _not_yet("evaluate", "the recommender-core issue"))
-    p.add_argument("--checkpoint")
-    _config_args(p)
+    p = add(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K, both protocols) of a checkpoint",
+            "pmmrec evaluate --checkpoint runs/tiny/checkpoints/best.pt [data.domain=OTHER_DOMAIN]", cmd_evaluate)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--split", choices=["valid", "test"], action="append",
+                   help="which split(s) to evaluate (default: both)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the checkpoint's config, e.g. data.domain=... eval.ks=[10]")
     p = add(sub, "recommend", "top-K next items for a history of raw item ids",
             "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10",
             _not_yet("recommend", "the serving issue"))

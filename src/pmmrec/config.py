@@ -152,14 +152,18 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"  # GPU autocast; off on CPU
     deterministic: bool = False
     patience: int = 5  # early stopping on validation NDCG@10, in evaluations
-    eval_every: int | None = None  # evaluate every N steps; None = once per epoch
+    eval_every: int | None = None  # evaluate every N optimiser steps; None = once per epoch
+    checkpoint_every: int | None = None  # write last.pt every N optimiser steps; None = at each evaluation
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     gather_negatives: bool = True  # DDP: in-batch negatives gathered across ranks
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "grad_accum", "patience")
         _non_negative(self, "warmup_steps")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"train.max_steps must be positive (got {self.max_steps})")
+        for name in ("max_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{name} must be positive or null (got {value})")
 
 
 @dataclass
@@ -402,6 +406,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         parts = key.split(".")
         for i in range(1, len(parts) + 1):  # so "unknown key 'trian'" also names the override
             where.lines.setdefault(".".join(parts[:i]), f"override '{text}'")
+        where.lines[key] = f"override '{text}'"
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "", where, _all_keys(Config))
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     source: str = "checkpoint") -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint), then apply overrides."""
+    where = _Where()
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy holding only plain YAML types
+    for key in _all_keys(Config):
+        where.lines[key] = source
+    for text in overrides:
+        key, value = parse_override(text)
         where.lines[key] = f"override '{text}'"
         _set_dotted(tree, key, value)
     return _build(Config, tree, "", where, _all_keys(Config))

@@ -41,6 +41,9 @@ class Domain:
     image_db: Path | None = None  # images.lmdb folder, if the domain has one
     path: Path | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # what reading dropped, and why
+    # Per item (image LMDB folder or None, key inside it), for catalogues merged from several domains
+    # (merge_domains); None means every item's image is ``image_db[item_id]``.
+    image_sources: list[tuple[Path | None, str]] | None = None
 
     @property
     def num_items(self) -> int:
@@ -188,6 +191,12 @@ def read_domain(path: str | os.PathLike, empty_title: Literal["error", "blank"] 
 
 
 def items_without_image(domain: Domain) -> list[str]:
+    if domain.image_sources is not None:
+        from pmmrec.data.image_db import image_keys
+
+        keys = {db: image_keys(db) for db in {db for db, _ in domain.image_sources if db is not None}}
+        return [iid for iid, (db, key) in zip(domain.item_ids, domain.image_sources, strict=True)
+                if db is None or key not in keys[db]]
     if domain.image_db is None:
         return list(domain.item_ids)
     from pmmrec.data.image_db import image_keys

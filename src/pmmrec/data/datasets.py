@@ -1,0 +1,90 @@
+"""Torch datasets over a leave-one-out split: training windows and evaluation sequences (DESIGN section 3).
+
+Training (reference code): each user contributes ONE window, the last ``max_seq_len + 1`` items of the training
+sequence, left-padded with 0; positions 0..L-1 are inputs and 1..L are their next-item targets. Evaluation: the
+``max_seq_len`` items before the target are the input; every earlier item is the history that the
+``exclude_history`` protocol removes from the ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pmmrec.data.batch import ItemInputs
+from pmmrec.data.item_features import ItemFeatureStore
+
+
+def left_pad(seq: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` items of ``seq``, left-padded with 0 to exactly ``length``."""
+    out = np.zeros(length, dtype=np.int64)
+    tail = seq[-length:] if length > 0 else seq[:0]
+    out[length - len(tail):] = tail
+    return out
+
+
+class TrainWindows(Dataset):
+    """One (L+1,) window of item numbers per user."""
+
+    def __init__(self, train: list[np.ndarray], max_seq_len: int):
+        self.windows = np.stack([left_pad(s, max_seq_len + 1) for s in train]) if train else \
+            np.zeros((0, max_seq_len + 1), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.windows[index]
+
+
+@dataclass
+class SequenceBatch:
+    """A batch of windows plus the inputs of its UNIQUE items (each distinct item is encoded once)."""
+
+    items: torch.Tensor  # (B, L+1) item numbers, 0 = padding
+    unique: torch.Tensor  # (U,) distinct item numbers of the batch
+    inverse: torch.Tensor  # (B, L+1) position of each slot's item in `unique`
+    inputs: ItemInputs  # features of `unique`
+
+    def to(self, device, non_blocking: bool = False) -> SequenceBatch:
+        return SequenceBatch(self.items.to(device, non_blocking=non_blocking),
+                             self.unique.to(device, non_blocking=non_blocking),
+                             self.inverse.to(device, non_blocking=non_blocking),
+                             self.inputs.to(device, non_blocking=non_blocking))
+
+
+class WindowCollator:
+    """Stacks windows and looks up the features of the batch's unique items (picklable for workers)."""
+
+    def __init__(self, store: ItemFeatureStore | None):
+        self.store = store
+
+    def __call__(self, windows: list[np.ndarray]) -> SequenceBatch:
+        items = torch.from_numpy(np.stack(windows))  # (B, L+1)
+        unique, inverse = torch.unique(items, return_inverse=True)
+        inputs = self.store.lookup(unique) if self.store is not None else ItemInputs(items=unique)
+        return SequenceBatch(items, unique, inverse, inputs)
+
+
+@dataclass
+class EvalSequences:
+    """Inputs, targets and histories of one evaluation split (validation or test)."""
+
+    inputs: torch.Tensor  # (U, L) left-padded item numbers before the target
+    targets: torch.Tensor  # (U,)
+    histories: list[torch.Tensor]  # every item before the target (for exclude_history)
+
+    @classmethod
+    def from_sequences(cls, sequences: list[np.ndarray], max_seq_len: int) -> EvalSequences:
+        """``sequences[u]`` ends with the target; what precedes it is input (last L) and history (all)."""
+        inputs = np.stack([left_pad(s[:-1], max_seq_len) for s in sequences]) if sequences else \
+            np.zeros((0, max_seq_len), dtype=np.int64)
+        targets = np.array([s[-1] for s in sequences], dtype=np.int64)
+        histories = [torch.from_numpy(np.asarray(s[:-1], dtype=np.int64)) for s in sequences]
+        return cls(torch.from_numpy(inputs), torch.from_numpy(targets), histories)
+
+    def __len__(self) -> int:
+        return len(self.targets)

@@ -1,0 +1,225 @@
+"""Full ranking over the whole catalogue with bounded memory (DESIGN.md section 7).
+
+PMMRec (ICDE 2024) evaluates leave-one-out with full ranking: every user's held-out item is ranked against all
+items of the target catalogue, never against sampled negatives. Scores are dot products of user and item vectors.
+
+Conventions (the tests pin each of them):
+
+* **Rank** of the target = the number of competing items that score above it, 0-based. Row 0 of ``item_vecs``
+  is padding and never competes, nor does the target itself.
+* **Ties** (``ties``): ``"pessimistic"`` (default) counts a competitor with a score *equal* to the target's as
+  ranked above it, so a model that gives every item the same score gets rank N-1, not a perfect rank 0;
+  ``"optimistic"`` counts only strictly greater scores (what a stable sort that puts the target first gives).
+* **Protocols**: ``exclude_history`` (paper / reference code) removes the items of the user's history from the
+  competitors; ``include_history`` (RecBole-family) removes nothing.
+* **Target in its own history** (an item consumed again), under ``exclude_history``: ``"keep"`` (default)
+  still ranks the target, since consuming it again is a correct prediction; ``"miss"`` reproduces the reference
+  code, which sets the scores of all history items to ``-inf`` before ranking, the target's included, so such a
+  user counts as a miss (rank ``-1``).
+* A NaN target score is a miss (rank ``-1``); NaN would otherwise lose every comparison and rank first.
+
+Memory is ``O(user_chunk * item_chunk)`` whatever the catalogue size: for the metrics we only need to count,
+chunk by chunk, the items that beat the target, which is exact and needs no top-K. :func:`topk_items` keeps a
+running top-K across item chunks instead (for recommending).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pmmrec.evaluation.metrics import metrics_from_ranks
+
+__all__ = ["EXCLUDE_HISTORY", "INCLUDE_HISTORY", "PROTOCOLS", "evaluate_rankings", "full_rank", "pad_histories",
+           "rank_targets", "topk_items"]
+
+EXCLUDE_HISTORY = "exclude_history"
+INCLUDE_HISTORY = "include_history"
+PROTOCOLS = (EXCLUDE_HISTORY, INCLUDE_HISTORY)
+
+Histories = Tensor | Sequence[Tensor | Sequence[int]]
+Ties = Literal["pessimistic", "optimistic"]
+TargetInHistory = Literal["keep", "miss"]
+
+
+def pad_histories(histories: Histories, num_users: int | None = None,
+                  device: torch.device | str | None = None) -> Tensor:
+    """Histories as a ``(U, H)`` long tensor of item numbers, 0-padded (the order of items does not matter)."""
+    if isinstance(histories, Tensor):
+        padded = histories if histories.dim() == 2 else histories.reshape(len(histories), -1)
+        padded = padded.long()
+    else:
+        rows = [torch.as_tensor(h, dtype=torch.long).reshape(-1) for h in histories]
+        width = max((len(r) for r in rows), default=0)
+        padded = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, hist in zip(padded, rows, strict=True):
+            row[: len(hist)] = hist
+    if num_users is not None and padded.shape[0] != num_users:
+        raise ValueError(f"got {padded.shape[0]} histories for {num_users} users")
+    return padded.to(device) if device is not None else padded
+
+
+def _check_inputs(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor | None, user_chunk: int,
+                  item_chunk: int) -> None:
+    if user_vecs.dim() != 2 or item_vecs.dim() != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"user_vecs must be (U, D) and item_vecs (N+1, D), got {tuple(user_vecs.shape)} and "
+                         f"{tuple(item_vecs.shape)}")
+    if item_vecs.shape[0] < 2:
+        raise ValueError("item_vecs needs the padding row 0 and at least one item")
+    if user_chunk < 1 or item_chunk < 1:
+        raise ValueError(f"chunk sizes must be positive, got user_chunk={user_chunk}, item_chunk={item_chunk}")
+    if targets is not None:
+        if tuple(targets.shape) != (user_vecs.shape[0],):
+            raise ValueError(f"targets must be ({user_vecs.shape[0]},), got {tuple(targets.shape)}")
+        if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) >= item_vecs.shape[0]):
+            raise ValueError(f"targets must be item numbers in 1..{item_vecs.shape[0] - 1}")
+
+
+def _chunk_membership(hist: Tensor, start: int, stop: int) -> Tensor:
+    """``(Uc, stop - start)`` bool: item ``start + i`` is in user ``u``'s history. Costs ``O(Uc * H)``."""
+    users = hist.shape[0]
+    member = torch.zeros(users, stop - start, dtype=torch.bool, device=hist.device)
+    inside = (hist >= start) & (hist < stop)  # (Uc, H); padding 0 is never inside since start >= 1
+    rows = torch.arange(users, device=hist.device).unsqueeze(1).expand_as(hist)  # (Uc, H)
+    member[rows[inside], hist[inside] - start] = True
+    return member
+
+
+def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, histories: Histories | None = None, *,
+                 protocols: Iterable[str] = PROTOCOLS, ties: Ties = "pessimistic",
+                 target_in_history: TargetInHistory = "keep", user_chunk: int = 256,
+                 item_chunk: int = 65536) -> dict[str, Tensor]:
+    """0-based rank of each user's target under each protocol, in one pass over the scores.
+
+    Args:
+        user_vecs: ``(U, D)`` user representations.
+        item_vecs: ``(N+1, D)`` item vectors; row 0 is padding and never ranked.
+        targets: ``(U,)`` the held-out item number of each user.
+        histories: ``(U, H)`` 0-padded item numbers, or a list of U 1-D sequences; needed for exclude_history.
+        protocols: any of ``"exclude_history"`` and ``"include_history"``.
+        ties, target_in_history: see the module docstring.
+        user_chunk, item_chunk: the score matrix is computed ``user_chunk x item_chunk`` at a time.
+
+    Returns:
+        ``{protocol: ranks}``, ``ranks`` a ``(U,)`` long tensor on ``user_vecs.device``, ``-1`` = miss.
+    """
+    protocols = list(dict.fromkeys(protocols))
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {protocols}")
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+    if target_in_history not in ("keep", "miss"):
+        raise ValueError(f"target_in_history must be 'keep' or 'miss', got {target_in_history!r}")
+    device = user_vecs.device
+    targets = torch.as_tensor(targets, dtype=torch.long, device=device)
+    _check_inputs(user_vecs, item_vecs, targets, user_chunk, item_chunk)
+    item_vecs = item_vecs.to(device=device, dtype=user_vecs.dtype)
+    num_users, num_rows = user_vecs.shape[0], item_vecs.shape[0]
+    excluding = EXCLUDE_HISTORY in protocols
+    hist = None
+    if excluding:
+        if histories is None:
+            raise ValueError("exclude_history needs the users' histories")
+        hist = pad_histories(histories, num_users, device)
+        if hist.numel() and (int(hist.min()) < 0 or int(hist.max()) >= num_rows):
+            raise ValueError(f"histories must hold item numbers in 0..{num_rows - 1} (0 = padding)")
+
+    counts = {p: torch.zeros(num_users, dtype=torch.long, device=device) for p in protocols}
+    nan_target = torch.zeros(num_users, dtype=torch.bool, device=device)
+    for u0 in range(0, num_users, user_chunk):
+        u1 = min(u0 + user_chunk, num_users)
+        users = user_vecs[u0:u1]  # (Uc, D)
+        tgt = targets[u0:u1]  # (Uc,)
+        # The target's score comes from a matrix product like the competitors' scores (not an elementwise
+        # sum), so that it is rounded the same way (TF32 on GPU included) and exact ties stay ties.
+        tgt_score = (users @ item_vecs[tgt].t()).diagonal().unsqueeze(1)  # (Uc, 1)
+        nan_target[u0:u1] = tgt_score.squeeze(1).isnan()
+        rows = torch.arange(u1 - u0, device=device)
+        for i0 in range(1, num_rows, item_chunk):  # from 1: the padding row never competes
+            i1 = min(i0 + item_chunk, num_rows)
+            scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
+            beats = scores >= tgt_score if ties == "pessimistic" else scores > tgt_score  # (Uc, Ic)
+            own = (tgt >= i0) & (tgt < i1)  # (Uc,) the target lies in this chunk: it does not compete
+            beats[rows[own], tgt[own] - i0] = False
+            if INCLUDE_HISTORY in counts:
+                counts[INCLUDE_HISTORY][u0:u1] += beats.sum(1)
+            if excluding:
+                beats &= ~_chunk_membership(hist[u0:u1], i0, i1)
+                counts[EXCLUDE_HISTORY][u0:u1] += beats.sum(1)
+
+    for ranks in counts.values():
+        ranks[nan_target] = -1
+    if excluding and target_in_history == "miss" and hist.shape[1] > 0:
+        counts[EXCLUDE_HISTORY][(hist == targets.unsqueeze(1)).any(1)] = -1
+    return counts
+
+
+def full_rank(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, histories: Histories | None = None, *,
+              exclude_history: bool = True, ties: Ties = "pessimistic", target_in_history: TargetInHistory = "keep",
+              user_chunk: int = 256, item_chunk: int = 65536) -> Tensor:
+    """``(U,)`` 0-based rank of each target under one protocol (-1 = miss); see :func:`rank_targets`."""
+    protocol = EXCLUDE_HISTORY if exclude_history else INCLUDE_HISTORY
+    return rank_targets(user_vecs, item_vecs, targets, histories, protocols=[protocol], ties=ties,
+                        target_in_history=target_in_history, user_chunk=user_chunk,
+                        item_chunk=item_chunk)[protocol]
+
+
+def evaluate_rankings(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, histories: Histories,
+                      ks: Iterable[int] = (5, 10, 20), *, ties: Ties = "pessimistic",
+                      target_in_history: TargetInHistory = "keep", user_chunk: int = 256,
+                      item_chunk: int = 65536) -> dict[str, dict[str, float]]:
+    """HR@k, NDCG@k and MRR@k under both protocols, from one pass over the scores.
+
+    Returns ``{"exclude_history": {"HR@10": ..., ...}, "include_history": {...}}`` (means over the users).
+    To reduce across shards exactly, call :func:`rank_targets` per shard and add up
+    :func:`pmmrec.evaluation.metrics.metric_sums` instead.
+    """
+    ranks = rank_targets(user_vecs, item_vecs, targets, histories, ties=ties, target_in_history=target_in_history,
+                         user_chunk=user_chunk, item_chunk=item_chunk)
+    ks = list(ks)
+    return {protocol: metrics_from_ranks(ranks[protocol], ks) for protocol in PROTOCOLS}
+
+
+def topk_items(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude: Histories | None = None, *,
+               user_chunk: int = 256, item_chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """The ``k`` best-scoring items of each user, best first, with a running top-K merge over item chunks.
+
+    ``exclude`` (e.g. the users' histories) removes items from each user's candidates; padding row 0 is never
+    returned. Returns ``(scores, items)``, both ``(U, k)``. When fewer than ``k`` items are left, the missing
+    slots have score ``-inf`` and item 0. The order among exactly equal scores is unspecified.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    _check_inputs(user_vecs, item_vecs, None, user_chunk, item_chunk)
+    device = user_vecs.device
+    item_vecs = item_vecs.to(device=device, dtype=user_vecs.dtype)
+    num_users, num_rows = user_vecs.shape[0], item_vecs.shape[0]
+    excl = None if exclude is None else pad_histories(exclude, num_users, device)
+    if excl is not None and excl.numel() and (int(excl.min()) < 0 or int(excl.max()) >= num_rows):
+        raise ValueError(f"exclude must hold item numbers in 0..{num_rows - 1} (0 = padding)")
+
+    out_scores = torch.full((num_users, k), float("-inf"), dtype=user_vecs.dtype, device=device)
+    out_items = torch.zeros(num_users, k, dtype=torch.long, device=device)
+    for u0 in range(0, num_users, user_chunk):
+        u1 = min(u0 + user_chunk, num_users)
+        users = user_vecs[u0:u1]  # (Uc, D)
+        best_scores = out_scores[u0:u1, :0]  # (Uc, 0), grows to (Uc, <=k)
+        best_items = out_items[u0:u1, :0]
+        for i0 in range(1, num_rows, item_chunk):
+            i1 = min(i0 + item_chunk, num_rows)
+            scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
+            if excl is not None:
+                scores = scores.masked_fill(_chunk_membership(excl[u0:u1], i0, i1), float("-inf"))
+            chunk_scores, chunk_idx = scores.topk(min(k, i1 - i0), dim=1)  # (Uc, <=k)
+            merged_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (Uc, <=2k)
+            merged_items = torch.cat([best_items, chunk_idx + i0], dim=1)
+            best_scores, pick = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)  # (Uc, <=k)
+            best_items = merged_items.gather(1, pick)
+        width = best_scores.shape[1]
+        out_scores[u0:u1, :width] = best_scores
+        out_items[u0:u1, :width] = torch.where(best_scores == float("-inf"), 0, best_items)
+    return out_scores, out_items

@@ -1,0 +1,1 @@
+"""Models: modality encoders, fusion, user encoders and the PMMRec model that joins them (PMMRec §III)."""

@@ -1,0 +1,66 @@
+"""ItemEncoder: title and image -> one item vector. The ONLY item path (training, evaluation, serving).
+
+PMMRec §III-A: a text encoder and a vision encoder (pretrained, top blocks fine-tuned) produce token states,
+each projected to ``model.dim``; a fusion module turns the two token sequences into one vector. Text-only and
+vision-only items (``model.modality``) skip the fusion and mean-pool their one modality, as the reference code
+does. ``model.item_tower: id`` replaces all of it by an ID embedding table (the SASRec baseline), which is the
+one item tower that cannot transfer to new items.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pmmrec.config import Config
+from pmmrec.data.batch import ItemInputs
+from pmmrec.models.encoders.image import build_vision_encoder
+from pmmrec.models.encoders.text import build_text_encoder
+from pmmrec.models.fusion import build_fusion
+from pmmrec.models.layers import masked_mean
+
+
+class ItemEncoder(nn.Module):
+    def __init__(self, config: Config, num_items: int):
+        super().__init__()
+        model = config.model
+        self.dim, self.modality, self.tower = model.dim, model.modality, model.item_tower
+        self.id_embedding = self.text = self.vision = self.text_proj = self.vision_proj = self.fusion = None
+        if self.tower == "id":
+            self.id_embedding = nn.Embedding(num_items + 1, model.dim, padding_idx=0)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.id_embedding.weight[0].zero_()
+            return
+        if self.uses_text:
+            self.text = build_text_encoder(config.text)
+            self.text_proj = nn.Linear(self.text.out_dim, model.dim)
+        if self.uses_vision:
+            self.vision = build_vision_encoder(config.vision)
+            self.vision_proj = nn.Linear(self.vision.out_dim, model.dim)
+        if self.modality == "multimodal":
+            self.fusion = build_fusion(model)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.tower == "content" and self.modality in ("multimodal", "text")
+
+    @property
+    def uses_vision(self) -> bool:
+        return self.tower == "content" and self.modality in ("multimodal", "vision")
+
+    def forward(self, items: ItemInputs) -> Tensor:
+        """Any flat set of N items -> (N, D) item vectors."""
+        if self.id_embedding is not None:
+            return self.id_embedding(items.items)
+        text = image = None
+        if self.text is not None:
+            text = self.text_proj(self.text(items.text_ids, items.text_mask))  # (N, T, D)
+        if self.vision is not None:
+            image = self.vision_proj(self.vision(items.images))  # (N, P, D)
+        if self.fusion is None:
+            if text is not None:
+                return masked_mean(text, items.text_mask)
+            return image.mean(dim=1)
+        image_mask = torch.ones(image.shape[:2], dtype=items.text_mask.dtype, device=image.device)  # (N, P)
+        return self.fusion(text, items.text_mask, image, image_mask)

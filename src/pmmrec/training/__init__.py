@@ -1,0 +1,1 @@
+"""Training: the loop, optimiser groups and schedules, checkpoints with exact resume, run folders."""

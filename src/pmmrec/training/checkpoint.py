@@ -1,0 +1,85 @@
+"""Checkpoints: one dict per file, written atomically, loaded with ``weights_only=True`` (DESIGN sections 6, 13).
+
+A checkpoint holds everything needed to resume exactly (model, optimiser, scheduler, grad scaler, RNG states,
+epoch, step within the epoch, best metric and patience counter) or to rebuild the model (the resolved config
+and the item id map). Everything is stored as tensors, dicts, lists, strings and numbers, so loading never
+unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pmmrec import __version__
+from pmmrec.errors import PmmrecError
+from pmmrec.utils.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain lists/tensors (safe for weights_only loading)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically, with a SHA-256 of the payload beside it for corruption checks."""
+    payload = {"format_version": FORMAT_VERSION, "pmmrec_version": __version__, **state}
+    path = Path(path)
+    with atomic_file(path, "wb") as f:
+        torch.save(payload, f)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with atomic_file(path.with_name(path.name + ".sha256"), "w") as f:
+        f.write(digest + "\n")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); a checksum mismatch or unreadable file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PmmrecError(f"checkpoint not found: {path}")
+    digest_file = path.with_name(path.name + ".sha256")
+    if digest_file.is_file():
+        expected = digest_file.read_text().strip()
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise PmmrecError(f"{path}: checksum mismatch (the file is truncated or corrupted)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; all mean "not a loadable checkpoint"
+        raise PmmrecError(f"{path}: not a loadable pmmrec checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise PmmrecError(f"{path}: not a pmmrec checkpoint (no format_version)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise PmmrecError(f"{path}: written by a newer pmmrec (format {state['format_version']}); upgrade pmmrec")
+    return state

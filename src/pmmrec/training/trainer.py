@@ -1,0 +1,300 @@
+"""The training loop: ``pmmrec train`` (from scratch on one domain) and the base of pretrain/transfer.
+
+One window per user and epoch (reference code), in-batch next-item loss with logQ correction, AdamW with
+per-group learning rates and a per-step schedule, gradient accumulation and clipping, AMP on GPU, evaluation
+with full ranking, early stopping on validation NDCG@10, and checkpoints that resume *exactly*: the epoch's
+permutation is derived from (seed, epoch), the position inside it is saved, and so are every RNG state, the
+optimiser, the scheduler and the scaler, so an interrupted run ends with the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pmmrec.config import Config
+from pmmrec.data.datasets import EvalSequences, SequenceBatch, TrainWindows, WindowCollator
+from pmmrec.data.domain import read_domain
+from pmmrec.data.item_features import ItemFeatureStore
+from pmmrec.data.split import SplitData, leave_one_out
+from pmmrec.errors import PmmrecError
+from pmmrec.evaluation.evaluator import encode_catalogue, evaluate
+from pmmrec.models.pmmrec import PMMRec
+from pmmrec.objectives.next_item import log_popularity, next_item_loss
+from pmmrec.pretrained import tokenizer_dir
+from pmmrec.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmmrec.training.optim import build_optimizer, build_scheduler
+from pmmrec.training.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+SELECT_METRIC = ("exclude_history", "NDCG@10")  # early stopping and best.pt (paper protocol)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PmmrecError(f"train.device={name} but no CUDA device is available")
+    return device
+
+
+@dataclass
+class TrainData:
+    """A domain's split plus everything the loop needs from it."""
+
+    split: SplitData
+    store: ItemFeatureStore | None
+    windows: TrainWindows
+    valid: EvalSequences
+    test: EvalSequences
+
+    @property
+    def num_items(self) -> int:
+        return len(self.split.item_ids)
+
+
+def build_store(config: Config, model: PMMRec, split: SplitData, cache_dir: Path | None) -> ItemFeatureStore | None:
+    """Item features for exactly the modalities the model reads (none for the ID tower)."""
+    encoder = model.item_encoder
+    if not (encoder.uses_text or encoder.uses_vision):
+        return None
+    return ItemFeatureStore.build(
+        split.titles, split.image_sources,
+        tokenizer_path=tokenizer_dir(config.text.encoder) if encoder.uses_text else None,
+        max_tokens=config.text.max_tokens, lowercase=config.text.lowercase,
+        preprocessor=encoder.vision.preprocessor() if encoder.uses_vision else None,
+        missing_image=config.data.missing_image, cache_dir=cache_dir)
+
+
+def eval_splits(split: SplitData, max_seq_len: int) -> tuple[EvalSequences, EvalSequences]:
+    """Validation and test sequences ending in their targets, with the whole kept history before them."""
+    valid_full = [np.concatenate([tr, va[-1:]]) for tr, va in zip(split.train, split.valid, strict=True)]
+    test_full = [np.concatenate([v, te[-1:]]) for v, te in zip(valid_full, split.test, strict=True)]
+    return EvalSequences.from_sequences(valid_full, max_seq_len), EvalSequences.from_sequences(test_full, max_seq_len)
+
+
+def load_split(config: Config) -> SplitData:
+    if not config.data.domain:
+        raise PmmrecError("no domain to train on: set data.domain=FOLDER (e.g. data.domain=data/world/target)")
+    domain = read_domain(config.data.domain, empty_title=config.data.empty_title,
+                         missing_image=config.data.missing_image if needs_images(config) else None)
+    split = leave_one_out(domain, config.data.max_seq_len, config.data.min_seq_len)
+    if not split.train:
+        raise PmmrecError(f"{config.data.domain}: no user has {config.data.min_seq_len} or more interactions")
+    log.info("domain %s: %d users (%d dropped as too short), %d items", domain.name, len(split.train),
+             split.num_dropped_users, len(split.item_ids))
+    return split
+
+
+def needs_images(config: Config) -> bool:
+    return config.model.item_tower == "content" and config.model.modality in ("multimodal", "vision")
+
+
+class Trainer:
+    """Fits a PMMRec model on one domain's leave-one-out split and writes the run folder."""
+
+    def __init__(self, config: Config, model: PMMRec | None = None, split: SplitData | None = None):
+        self.config = config
+        self.device = resolve_device(config.train.device)
+        seed_everything(config.seed, config.train.deterministic)
+        self.run = RunDir(config.run.dir)
+        split = split if split is not None else load_split(config)
+        self.model = (model if model is not None else PMMRec(config, len(split.item_ids))).to(self.device)
+        store = build_store(config, self.model, split, self.run.path / "cache")
+        valid, test = eval_splits(split, config.data.max_seq_len)
+        self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
+        self.log_pop = log_popularity(split.train_counts).to(self.device)
+        cfg = config.train
+        self.steps_per_epoch = math.ceil(len(self.data.windows) / cfg.batch_size)  # batches per epoch
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum)
+        self.total_updates = cfg.max_steps or self.updates_per_epoch * cfg.epochs
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_updates)
+        use_amp = self.device.type == "cuda" and cfg.amp != "off"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Loop state (everything a checkpoint restores).
+        self.epoch, self.batch_in_epoch, self.update = 0, 0, 0
+        self.best, self.bad_evals, self.best_update = -1.0, 0, 0
+        self.writer = None
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "trainer_state": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                  "update": self.update, "best": self.best, "bad_evals": self.bad_evals,
+                                  "best_update": self.best_update},
+                "config": self.config.to_dict(), "item_ids": list(self.data.split.item_ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["item_ids"]) != list(self.data.split.item_ids):
+            raise PmmrecError("the checkpoint was trained on a different item catalogue than data.domain")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        t = state["trainer_state"]
+        self.epoch, self.batch_in_epoch, self.update = t["epoch"], t["batch_in_epoch"], t["update"]
+        self.best, self.bad_evals, self.best_update = t["best"], t["bad_evals"], t["best_update"]
+        set_rng_state(state["rng"])
+
+    def save(self, best: bool = False) -> None:
+        state = self.state_dict()
+        save_checkpoint(self.run.last, state)
+        if best:
+            save_checkpoint(self.run.best, state)
+
+    # -------------------------------------------------------------------------------------------------- data
+    def batches(self, epoch: int, skip: int) -> DataLoader:
+        """The epoch's batches in a (seed, epoch)-determined order, skipping the first ``skip`` (resume)."""
+        order = torch.randperm(len(self.data.windows), generator=torch.Generator().manual_seed(
+            self.config.seed * 100_003 + epoch)).tolist()
+        order = order[skip * self.config.train.batch_size:]
+        # A generator of its own, so creating the loader never draws from the global RNG (exact resume).
+        return DataLoader(self.data.windows, batch_size=self.config.train.batch_size, sampler=order,
+                          collate_fn=WindowCollator(self.data.store), num_workers=self.config.data.num_workers,
+                          generator=torch.Generator().manual_seed(epoch), pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def loss(self, batch: SequenceBatch) -> torch.Tensor:
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            unique_embs = self.model.encode_items(batch.inputs)  # (U, D): each distinct item once
+            item_embs = unique_embs[batch.inverse]  # (B, L+1, D)
+            mask = batch.items[:, :-1] != 0  # (B, L)
+            states = self.model.encode_sequences(item_embs[:, :-1], mask)  # (B, L, D)
+            return next_item_loss(states.float(), item_embs.float(), batch.items, self.log_pop)
+
+    def evaluate(self, which: str = "valid") -> dict:
+        self.model.eval()
+        item_vecs = encode_catalogue(self.model, self.data.store, self.data.num_items, self.device,
+                                     self.config.eval.batch_size)
+        return evaluate(self.model, item_vecs, self.data.valid if which == "valid" else self.data.test,
+                        self.config.eval)
+
+    def _after_eval(self, metrics: dict, loss: float | None) -> bool:
+        """Log, checkpoint, early-stop. Returns True when training should stop."""
+        protocol, name = SELECT_METRIC
+        value = metrics[protocol].get(name, next(iter(metrics[protocol].values())))
+        improved = value > self.best
+        if improved:
+            self.best, self.bad_evals, self.best_update = value, 0, self.update
+        else:
+            self.bad_evals += 1
+        self.run.log_metrics({"step": self.update, "epoch": self.epoch, "train_loss": loss, "valid": metrics})
+        if self.writer is not None:
+            for proto, values in metrics.items():
+                for key, v in values.items():
+                    self.writer.add_scalar(f"valid/{proto}/{key}", v, self.update)
+        log.info("step %d epoch %d: valid %s=%.4f (best %.4f)%s", self.update, self.epoch, name, value, self.best,
+                 "" if improved else f", {self.bad_evals} without improvement")
+        self.save(best=improved)
+        return self.bad_evals >= self.config.train.patience
+
+    def fit(self, resume: bool = False) -> dict:
+        cfg = self.config.train
+        self.run.create(self.config)
+        try:
+            if resume and self.run.last.is_file():
+                self.load_state_dict(load_checkpoint(self.run.last))
+                self.run.truncate_metrics(self.update)
+                log.info("resumed from %s at epoch %d, batch %d, step %d", self.run.last, self.epoch,
+                         self.batch_in_epoch, self.update)
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run.path / "tensorboard"))
+            self._loop(cfg)
+            return self.finish()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.run.close()
+
+    def _loop(self, cfg) -> None:
+        self.model.train()
+        stop = self.update >= self.total_updates
+        while not stop and self.epoch < cfg.epochs:
+            losses: list[float] = []
+            bar = tqdm(self.batches(self.epoch, self.batch_in_epoch), desc=f"epoch {self.epoch}",
+                       total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False)
+            for batch in bar:
+                loss = self.loss(batch.to(self.device, non_blocking=True))
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+                losses.append(loss.item())
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch % cfg.grad_accum and self.batch_in_epoch < self.steps_per_epoch:
+                    continue
+                self._optimizer_step(cfg)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", losses[-1], self.update)
+                if self.update >= self.total_updates:
+                    stop = True
+                    break
+                if cfg.eval_every and self.update % cfg.eval_every == 0:
+                    if self._after_eval(self.evaluate("valid"), float(np.mean(losses))):
+                        return
+                    self.model.train()
+                elif cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0:
+                    self.save()
+            bar.close()
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if not cfg.eval_every or stop:
+                if self._after_eval(self.evaluate("valid"), float(np.mean(losses)) if losses else None):
+                    return
+                self.model.train()
+
+    def _optimizer_step(self, cfg) -> None:
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update += 1
+
+    def finish(self) -> dict:
+        """Evaluate the best checkpoint on validation and test; write results.json."""
+        if self.run.best.is_file():
+            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
+        started = time.perf_counter()
+        results = {"valid": self.evaluate("valid"), "test": self.evaluate("test"), "best_step": self.best_update,
+                   "steps": self.update, "epochs": self.epoch, "num_items": self.data.num_items,
+                   "num_users": len(self.data.windows)}
+        results["eval_seconds"] = round(time.perf_counter() - started, 3)
+        self.run.write_results(results)
+        log.info("test (exclude_history): %s", {k: round(v, 4) for k, v in results["test"]["exclude_history"].items()})
+        return results
+
+
+def train(config: Config, resume: bool = False) -> dict:
+    """``pmmrec train``: fit on ``data.domain`` from scratch and return ``results.json``'s content."""
+    return Trainer(config).fit(resume=resume)
