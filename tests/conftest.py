@@ -49,5 +49,5 @@ def tiny_domain(tmp_path) -> Path:
     users = [["i1", "i2", "i3"], ["i2", "i3", "i4", "i5"], ["i5", "i1", "i2", "i6"], ["i3", "i4", "i1"]]
     write_domain_tables(root, ids, titles, ["u1", "u2", "u3", "u4"], users)
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0), (255, 255, 0)]
-    write_image_db(root / "images.lmdb", [(iid, png_bytes(c)) for iid, c in zip(ids, colors)])
+    write_image_db(root / "images.lmdb", [(iid, png_bytes(c)) for iid, c in zip(ids[:5], colors, strict=True)])
     return root

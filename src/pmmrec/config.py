@@ -426,7 +426,7 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
 
 
 def config_to_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def dump_config(config: Config, path: str | os.PathLike) -> None:

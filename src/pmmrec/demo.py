@@ -19,7 +19,7 @@ from pmmrec.data.domain import read_domain
 from pmmrec.data.images import ImagePreprocessor
 from pmmrec.data.item_features import ItemFeatureStore, image_refs_of
 from pmmrec.data.stats import domain_stats, format_stats
-from pmmrec.data.synth import SynthConfig, synthesize_world
+from pmmrec.data.synth import SynthConfig, read_world, synthesize_world
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.utils.io import atomic_write_text
 
@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 def demo_config(world: Path, run_dir: Path) -> Config:
     """The default recipe pointed at the built-in world: sources for pretraining, ``target`` for transfer."""
-    sources = sorted(p.as_posix() for p in world.iterdir() if p.is_dir() and p.name != "target")
-    return load_config(None, [f"data.sources=[{', '.join(sources)}]", f"data.domain={(world / 'target').as_posix()}",
+    domains = read_world(world)["domains"]
+    sources = [(world / d["folder"]).as_posix() for d in domains if d["role"] == "source"]
+    target = next((world / d["folder"]).as_posix() for d in domains if d["role"] == "target")
+    return load_config(None, [f"data.sources=[{', '.join(sources)}]", f"data.domain={target}",
                               f"run.dir={run_dir.as_posix()}"])
 
 
@@ -44,7 +46,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: boo
     dump_config(config, out / "config.yaml")
 
     sections = []
-    for folder in sorted(p for p in world.iterdir() if p.is_dir()):
+    for folder in (world / d["folder"] for d in read_world(world)["domains"]):
         domain = read_domain(folder, empty_title=config.data.empty_title, missing_image=config.data.missing_image)
         stats = domain_stats(domain)
         sections.append((folder.name, stats))
