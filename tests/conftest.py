@@ -51,3 +51,13 @@ def tiny_domain(tmp_path) -> Path:
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0), (255, 255, 0)]
     write_image_db(root / "images.lmdb", [(iid, png_bytes(c)) for iid, c in zip(ids[:5], colors, strict=True)])
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory) -> Path:
+    """The built-in world in quick mode (4 small domains with images), generated once per test session."""
+    from pmmrec.data.synth import SynthConfig, synthesize_world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    synthesize_world(out, SynthConfig(seed=0, quick=True))
+    return out

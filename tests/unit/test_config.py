@@ -27,7 +27,8 @@ def test_defaults_follow_the_paper():
 def test_overrides_are_typed():
     c = load_config(REPO / "configs/tiny.yaml",
                     ["model.fusion=sum", "train.epochs=3", "train.lr=1", "data.sources=[a, b]", "seed=7",
-                     "train.max_steps=null", "objectives.nicl.tau=0.05"])
+                     "train.max_steps=null", "objectives.nicl.tau=0.05", "train.encoder_lr=3e-4"])
+    assert c.train.encoder_lr == 3e-4
     assert c.model.fusion == "sum" and c.train.epochs == 3 and c.seed == 7
     assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
     assert c.data.sources == ["a", "b"] and c.train.max_steps is None and c.objectives.nicl.tau == 0.05

@@ -242,7 +242,7 @@ class Trainer:
         while not stop and self.epoch < cfg.epochs:
             losses: list[float] = []
             bar = tqdm(self.batches(self.epoch, self.batch_in_epoch), desc=f"epoch {self.epoch}",
-                       total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False)
+                       total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, disable=None)
             for batch in bar:
                 loss = self.loss(batch.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / cfg.grad_accum).backward()
