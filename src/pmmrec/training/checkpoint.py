@@ -9,6 +9,7 @@ unpickles arbitrary objects.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import random
@@ -52,15 +53,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_TRAILER = b"\nPMMREC-SHA256:"  # followed by the 64 hex digits of the SHA-256 of everything before it
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically, with a SHA-256 of the payload beside it for corruption checks."""
+    """Write ``state`` atomically, ending with a SHA-256 of the payload so corruption is detected on load.
+
+    The checksum lives inside the same file (not beside it), so no crash can pair a new file with an old sum.
+    """
     payload = {"format_version": FORMAT_VERSION, "pmmrec_version": __version__, **state}
-    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
     with atomic_file(path, "wb") as f:
-        torch.save(payload, f)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    with atomic_file(path.with_name(path.name + ".sha256"), "w") as f:
-        f.write(digest + "\n")
+        f.write(data)
+        f.write(_TRAILER + hashlib.sha256(data).hexdigest().encode("ascii"))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -68,13 +75,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise PmmrecError(f"checkpoint not found: {path}")
-    digest_file = path.with_name(path.name + ".sha256")
-    if digest_file.is_file():
-        expected = digest_file.read_text().strip()
-        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    raw = path.read_bytes()
+    cut = len(raw) - len(_TRAILER) - 64
+    if cut >= 0 and raw[cut:cut + len(_TRAILER)] == _TRAILER:
+        data = raw[:cut]
+        if hashlib.sha256(data).hexdigest().encode("ascii") != raw[cut + len(_TRAILER):]:
             raise PmmrecError(f"{path}: checksum mismatch (the file is truncated or corrupted)")
+    else:
+        data = raw  # a plain torch.save file (e.g. written by another tool): loadable, but not verifiable
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean "not a loadable checkpoint"
         raise PmmrecError(f"{path}: not a loadable pmmrec checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None

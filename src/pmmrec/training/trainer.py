@@ -163,9 +163,12 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         state = self.state_dict()
-        save_checkpoint(self.run.last, state)
+        # best.pt first: a crash between the two writes then resumes from the previous last.pt, which redoes
+        # this evaluation and rewrites best.pt. The other order could leave last.pt claiming a best.pt that
+        # was never written.
         if best:
             save_checkpoint(self.run.best, state)
+        save_checkpoint(self.run.last, state)
 
     # -------------------------------------------------------------------------------------------------- data
     def batches(self, epoch: int, skip: int) -> DataLoader:

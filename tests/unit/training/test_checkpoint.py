@@ -21,6 +21,11 @@ def test_round_trip_restores_rng_streams(tmp_path):
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["format_version"] == 1
 
 
+def test_plain_torch_files_still_load(tmp_path):
+    torch.save({"format_version": 1, "model": {"w": torch.zeros(1)}}, tmp_path / "plain.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "plain.pt")["model"]["w"], torch.zeros(1))
+
+
 def test_corruption_is_detected(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.arange(1000.0)}})
     data = bytearray((tmp_path / "c.pt").read_bytes())
@@ -28,8 +33,10 @@ def test_corruption_is_detected(tmp_path):
     (tmp_path / "c.pt").write_bytes(bytes(data))
     with pytest.raises(PmmrecError, match="checksum mismatch"):
         load_checkpoint(tmp_path / "c.pt")
+    (tmp_path / "c.pt").write_bytes(bytes(data[: len(data) // 3]))  # truncated
+    with pytest.raises(PmmrecError, match="not a loadable pmmrec checkpoint"):
+        load_checkpoint(tmp_path / "c.pt")
     (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "c.pt.sha256").unlink()
     with pytest.raises(PmmrecError, match="not a loadable pmmrec checkpoint"):
         load_checkpoint(tmp_path / "c.pt")
     with pytest.raises(PmmrecError, match="checkpoint not found"):
