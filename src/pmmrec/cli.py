@@ -33,7 +33,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     from pmmrec.data.synth import SynthConfig, synthesize_world
 
     summary = synthesize_world(args.out, SynthConfig(seed=args.seed, quick=args.quick), overwrite=args.overwrite)
-    print(summary.format() if hasattr(summary, "format") else summary)
+    print(summary.format())
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:

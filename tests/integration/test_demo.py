@@ -1,5 +1,6 @@
 """`pmmrec demo --quick` end to end (what `make demo` runs, on the tiny world)."""
 
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,11 @@ def test_quick_demo_writes_report_and_resolved_config(tmp_path):
     report = (out / "report.md").read_text()
     for domain in ("books", "films", "games", "target"):
         assert f"## {domain}" in report
-    assert "target item features: 96 items" in report and "all present: True" in report
-    config = load_config(out / "config.yaml")
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert set(rows) == {"Most popular", "PMMRec multimodal, scratch", "SASRec (item IDs), scratch"}
+    for row in rows.values():
+        assert 0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0 and row["name"] in report
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = load_config(out / "runs" / "pmmrec" / "config.yaml")
     assert config.data.domain.endswith("world/target") and len(config.data.sources) == 3
+    assert config.text.trainable_layers == 0 and (out / "runs" / "sasrec" / "results.json").is_file()

@@ -94,3 +94,9 @@ def test_dump_round_trips(tmp_path):
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == c
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["fusion"] == "film"
+
+
+def test_cpu_recipe_matches_the_demo():
+    from pmmrec.demo import CPU_RECIPE
+
+    assert load_config(REPO / "configs/cpu.yaml") == load_config(None, CPU_RECIPE)

@@ -169,6 +169,10 @@ class ItemFeatureStore:
         if tokens is None and images is None:
             raise PmmrecError("an item feature store needs text, images, or both")
         self.tokens, self.images, self.num_items = tokens, images, num_items
+        # Frozen-encoder outputs per item (see pmmrec.models.feature_cache); None = run the encoder.
+        self.text_states: torch.Tensor | None = None  # (N+1, T_max, H) float16
+        self.image_states: torch.Tensor | None = None  # (N+1, P, H) float16
+        self.has_image: torch.Tensor | None = None  # (N+1,) bool, kept with image_states
 
     @classmethod
     def build(cls, titles: Sequence[str], image_refs: Sequence[ImageRef] | None, *,
@@ -193,8 +197,15 @@ class ItemFeatureStore:
         if items_np.size and (items_np.min() < 0 or items_np.max() > self.num_items):
             raise IndexError(f"item numbers must be in [0, {self.num_items}]")
         out = ItemInputs(items=torch.from_numpy(items_np))
-        if self.tokens is not None:
+        index = torch.from_numpy(items_np)
+        if self.text_states is not None:
+            width = max(int(self.tokens.lengths[items_np].max(initial=0)), 1)
+            out.text_mask = self.tokens.lookup(items_np)[1]
+            out.text_states = self.text_states[index, :width]
+        elif self.tokens is not None:
             out.text_ids, out.text_mask = self.tokens.lookup(items_np)
-        if self.images is not None:
+        if self.image_states is not None:
+            out.image_states, out.has_image = self.image_states[index], self.has_image[index]
+        elif self.images is not None:
             out.images, out.has_image = self.images.lookup(items_np)
         return out

@@ -136,6 +136,14 @@ class WorldSummary:
     domains: list[DomainSummary]
     seconds: float
 
+    def format(self) -> str:
+        """One line per domain, for the terminal."""
+        lines = [f"wrote {len(self.domains)} domains to {self.path} in {self.seconds:.1f}s"]
+        for d in self.domains:
+            lines.append(f"  {d.name:10s} {d.role:6s} {d.num_items:6,d} items {d.num_users:7,d} users "
+                         f"{d.num_interactions:9,d} interactions ({d.noise_clicks:,d} noise clicks)")
+        return "\n".join(lines)
+
 
 def synthesize_world(out: str | Path, config: SynthConfig | None = None,
                      overwrite: bool = False) -> WorldSummary:

@@ -55,9 +55,12 @@ class ItemEncoder(nn.Module):
             return self.id_embedding(items.items)
         text = image = None
         if self.text is not None:
-            text = self.text_proj(self.text(items.text_ids, items.text_mask))  # (N, T, D)
+            states = items.text_states.float() if items.text_states is not None else \
+                self.text(items.text_ids, items.text_mask)  # (N, T, H): cached when the encoder is frozen
+            text = self.text_proj(states)  # (N, T, D)
         if self.vision is not None:
-            image = self.vision_proj(self.vision(items.images))  # (N, P, D)
+            states = items.image_states.float() if items.image_states is not None else self.vision(items.images)
+            image = self.vision_proj(states)  # (N, P, D)
         if self.fusion is None:
             if text is not None:
                 return masked_mean(text, items.text_mask)

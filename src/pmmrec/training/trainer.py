@@ -30,6 +30,7 @@ from pmmrec.data.item_features import ItemFeatureStore
 from pmmrec.data.split import SplitData, leave_one_out
 from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue, evaluate
+from pmmrec.models.feature_cache import cache_frozen_features
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.objectives.next_item import log_popularity, next_item_loss
 from pmmrec.pretrained import tokenizer_dir
@@ -123,6 +124,7 @@ class Trainer:
         split = split if split is not None else load_split(config)
         self.model = (model if model is not None else PMMRec(config, len(split.item_ids))).to(self.device)
         store = build_store(config, self.model, split, self.run.path / "cache")
+        cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size)
         valid, test = eval_splits(split, config.data.max_seq_len)
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
         self.log_pop = log_popularity(split.train_counts).to(self.device)

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pmmrec.config import load_config
+from pmmrec.data.domain import read_domain
+from pmmrec.data.item_features import ItemFeatureStore, image_refs_of
+from pmmrec.models.feature_cache import cache_frozen_features
+from pmmrec.models.item_encoder import ItemEncoder
+from pmmrec.pretrained import tokenizer_dir
+
+TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+
+
+def _setup(tiny_domain, *overrides):
+    config = load_config(TINY, list(overrides))
+    torch.manual_seed(0)
+    encoder = ItemEncoder(config, num_items=6).eval()
+    domain = read_domain(tiny_domain, missing_image="blank")
+    store = ItemFeatureStore.build(domain.titles, image_refs_of(domain), tokenizer_path=tokenizer_dir("tiny"),
+                                   max_tokens=config.text.max_tokens,
+                                   preprocessor=encoder.vision.preprocessor() if encoder.vision else None,
+                                   missing_image="blank")
+    return encoder, store
+
+
+@pytest.mark.parametrize("fusion", ["merged_attention", "sum"])
+def test_cached_features_match_the_live_forward(tiny_domain, fusion):
+    encoder, store = _setup(tiny_domain, "text.trainable_layers=0", "vision.trainable_layers=0",
+                            f"model.fusion={fusion}")
+    items = np.array([3, 1, 6, 0, 2])
+    with torch.no_grad():
+        live = encoder(store.lookup(items))
+    assert cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False) == \
+        ["text", "vision"]
+    inputs = store.lookup(items)
+    assert inputs.text_ids is None and inputs.images is None and inputs.text_states.dtype == torch.float16
+    assert inputs.has_image.tolist() == [True, True, False, False, True]  # item 6 has no image; 0 is padding
+    with torch.no_grad():
+        cached = encoder(inputs)
+    assert torch.allclose(live, cached, atol=2e-2, rtol=1e-2), (live - cached).abs().max()
+
+
+def test_encoders_with_trainable_blocks_are_not_cached(tiny_domain):
+    encoder, store = _setup(tiny_domain, "text.trainable_layers=0", "vision.trainable_layers=1")
+    assert cache_frozen_features(encoder, store, torch.device("cpu"), progress=False) == ["text"]
+    inputs = store.lookup([1, 2])
+    assert inputs.text_states is not None and inputs.images is not None and inputs.image_states is None
+    out = encoder.train()(inputs)
+    out.sum().backward()
+    assert encoder.vision_proj.weight.grad is not None and encoder.text_proj.weight.grad is not None
