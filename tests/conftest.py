@@ -61,3 +61,11 @@ def quick_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "world"
     synthesize_world(out, SynthConfig(seed=0, quick=True))
     return out
+
+
+# Shared CI machines are slow and noisy: no per-example deadline and no "too slow" health check, so a loaded
+# machine cannot turn a property test red. The properties themselves are unchanged.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("pmmrec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pmmrec")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: boo
         sections.append((entry["name"], stats))
     print(f"\n== target ==\n{format_stats(sections[-1][1])}\n")
 
+    runs = out / "runs"
+    if runs.exists() and overwrite:
+        shutil.rmtree(runs)  # the demo always starts its runs afresh
     rows = []
     base = demo_config(world, out / "runs" / "scratch", quick, seed)
     split = load_split(base)

@@ -108,3 +108,23 @@ def test_killed_run_resumes_to_the_same_result(quick_world, tmp_path):
     for key in ("valid", "test"):
         assert got[key] == expected[key]
     assert got["steps"] == expected["steps"]
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(quick_world, tmp_path, capsys):
+    args = ["train", "-c", str(TINY), f"data.domain={quick_world / 'target'}", f"run.dir={tmp_path / 'run'}",
+            "train.max_steps=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_early_stopping_and_gradient_accumulation(quick_world, tmp_path):
+    # lr 0: validation never improves after the first evaluation, so patience 2 stops after 3 evaluations.
+    config = _config(quick_world, tmp_path / "stop", "train.epochs=20", "train.patience=2", "train.lr=0",
+                     "train.encoder_lr=0", "model.fusion=sum")
+    results = Trainer(config).fit()
+    assert results["epochs"] == 3 and results["best_step"] == 4
+    # 60 users, batch 16 -> 4 batches an epoch; accumulating 2 makes 2 optimiser steps an epoch.
+    config = _config(quick_world, tmp_path / "accum", "train.epochs=2", "train.grad_accum=2", "model.fusion=sum")
+    assert Trainer(config).fit()["steps"] == 4

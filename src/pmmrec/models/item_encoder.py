@@ -17,7 +17,10 @@ from pmmrec.data.batch import ItemInputs
 from pmmrec.models.encoders.image import build_vision_encoder
 from pmmrec.models.encoders.text import build_text_encoder
 from pmmrec.models.fusion import build_fusion
+from pmmrec.models.fusion.attention import CoAttentionFusion, MergedAttentionFusion
 from pmmrec.models.layers import masked_mean
+
+TOKEN_LEVEL = (MergedAttentionFusion, CoAttentionFusion)  # fusions that read every token
 
 
 class ItemEncoder(nn.Module):
@@ -49,21 +52,33 @@ class ItemEncoder(nn.Module):
     def uses_vision(self) -> bool:
         return self.tower == "content" and self.modality in ("multimodal", "vision")
 
+    @property
+    def pools_first(self) -> bool:
+        """Whether each modality is reduced to one vector before fusion (all but the token-level fusions)."""
+        return self.fusion is None or not isinstance(self.fusion, TOKEN_LEVEL)
+
     def forward(self, items: ItemInputs) -> Tensor:
         """Any flat set of N items -> (N, D) item vectors."""
         if self.id_embedding is not None:
             return self.id_embedding(items.items)
-        text = image = None
+        # When the fusion only needs one vector per modality, pool the encoder states *before* projecting:
+        # a linear map commutes with a (masked) mean, so the result is the same and the projection runs on
+        # one vector instead of T or P tokens (49x fewer for EfficientNet's image tokens).
+        pool = self.pools_first
+        text = image = text_mask = image_mask = None
         if self.text is not None:
             states = items.text_states.float() if items.text_states is not None else \
                 self.text(items.text_ids, items.text_mask)  # (N, T, H): cached when the encoder is frozen
-            text = self.text_proj(states)  # (N, T, D)
+            text_mask = items.text_mask
+            if pool:
+                states, text_mask = masked_mean(states, text_mask)[:, None], text_mask.new_ones(len(states), 1)
+            text = self.text_proj(states)  # (N, T, D), or (N, 1, D) pooled
         if self.vision is not None:
             states = items.image_states.float() if items.image_states is not None else self.vision(items.images)
-            image = self.vision_proj(states)  # (N, P, D)
+            if pool:
+                states = states.mean(dim=1, keepdim=True)  # (N, 1, H)
+            image = self.vision_proj(states)  # (N, P, D), or (N, 1, D) pooled
+            image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)  # (N, P)
         if self.fusion is None:
-            if text is not None:
-                return masked_mean(text, items.text_mask)
-            return image.mean(dim=1)
-        image_mask = torch.ones(image.shape[:2], dtype=items.text_mask.dtype, device=image.device)  # (N, P)
-        return self.fusion(text, items.text_mask, image, image_mask)
+            return masked_mean(text, text_mask) if text is not None else image.mean(dim=1)
+        return self.fusion(text, text_mask, image, image_mask)

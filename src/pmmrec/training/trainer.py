@@ -223,8 +223,13 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         cfg = self.config.train
+        if not resume and (self.run.last.is_file() or (self.run.path / "metrics.jsonl").is_file()):
+            raise PmmrecError(f"run.dir {self.run.path} already holds a run; pass --resume to continue it, "
+                              "or set another run.dir (or delete that folder) to start afresh")
         self.run.create(self.config)
         try:
+            if resume and not self.run.last.is_file():
+                log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
             if resume and self.run.last.is_file():
                 self.load_state_dict(load_checkpoint(self.run.last))
                 self.run.truncate_metrics(self.update)

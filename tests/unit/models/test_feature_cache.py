@@ -51,3 +51,24 @@ def test_encoders_with_trainable_blocks_are_not_cached(tiny_domain):
     out = encoder.train()(inputs)
     out.sum().backward()
     assert encoder.vision_proj.weight.grad is not None and encoder.text_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("overrides", [["model.fusion=sum"], ["model.fusion=gated"], ["model.modality=text"],
+                                       ["model.modality=vision"]])
+def test_pooling_before_the_projection_is_exact(tiny_domain, overrides):
+    """Vector-level fusions pool first; the result equals projecting every token and pooling after."""
+    encoder, store = _setup(tiny_domain, *overrides)
+    assert encoder.pools_first
+    inputs = store.lookup(np.array([1, 2, 3, 0]))
+    with torch.no_grad():
+        fast = encoder(inputs)
+        t = encoder.text_proj(encoder.text(inputs.text_ids, inputs.text_mask)) if encoder.text else None
+        v = encoder.vision_proj(encoder.vision(inputs.images)) if encoder.vision else None
+        if encoder.fusion is not None:
+            slow = encoder.fusion(t, inputs.text_mask, v, torch.ones(v.shape[:2], dtype=torch.long))
+        else:
+            from pmmrec.models.layers import masked_mean
+
+            slow = masked_mean(t, inputs.text_mask) if t is not None else v.mean(1)
+    # Real items agree exactly; the padding item (no tokens) may differ and is masked everywhere downstream.
+    assert torch.allclose(fast[:3], slow[:3], atol=1e-5)
