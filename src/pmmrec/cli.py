@@ -105,8 +105,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
     from pmmrec.training.trainer import train
 
-    results = train(load_config(args.config, args.overrides), resume=args.resume)
+    overrides = [*args.overrides, _objectives(args)] if args.objectives else args.overrides
+    results = train(load_config(args.config, overrides), resume=args.resume)
     _print_results(results)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pmmrec.config import load_config
+    from pmmrec.training.trainer import pretrain
+
+    results = pretrain(load_config(args.config, [*args.overrides, _objectives(args)]), resume=args.resume)
+    for name, splits in results.get("per_domain", {}).items():
+        metrics = splits["test"]["exclude_history"]
+        print(f"{name:12s} test exclude_history HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f}")
+    _print_results(results)
+
+
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from pmmrec.training.trainer import transfer
+
+    if not args.checkpoint:
+        raise PmmrecError("pmmrec transfer needs --from CHECKPOINT (e.g. runs/pretrain/checkpoints/best.pt)")
+    overrides = [*args.overrides, _objectives(args)] if args.objectives else args.overrides
+    _print_results(transfer(args.checkpoint, args.config, overrides, resume=args.resume))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -117,6 +138,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(results, indent=2))
     else:
         _print_results(results)
+
+
+def _objectives(args: argparse.Namespace) -> str:
+    """``--objectives rec,nicl`` -> the override ``objectives.use=[rec, nicl]``."""
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+    return f"objectives.use=[{', '.join(names)}]"
 
 
 def _print_results(results: dict) -> None:
@@ -228,16 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     # training and beyond ------------------------------------------------------------------------------------------
     p = add(sub, "pretrain", "pretrain on several source domains (next-item, NICL, NID, RCL)",
-            "pmmrec pretrain -c configs/pretrain.yaml data.sources=[data/world/books,data/world/films]",
-            _not_yet("pretrain", "the pretraining issue"))
+            "pmmrec pretrain -c configs/cpu.yaml data.sources=[data/world/books,data/world/films] "
+            "run.dir=runs/pretrain", cmd_pretrain)
+    p.add_argument("--objectives", default="rec,nicl,nid,rcl", metavar="LIST",
+                   help="pretraining objectives, any subset of rec,nicl,nid,rcl (default: all four; "
+                        "nicl needs the multimodal item tower). Weights: objectives.weights.NAME=W")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
     _config_args(p)
     p = add(sub, "transfer", "fine-tune a pretrained checkpoint on a target domain, by part and modality",
             "pmmrec transfer -c configs/transfer.yaml --from runs/pretrain/checkpoints/best.pt "
-            "transfer.parts=item_encoder", _not_yet("transfer", "the pretraining issue"))
-    p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint")
+            "transfer.parts=item_encoder data.domain=data/world/target run.dir=runs/transfer", cmd_transfer)
+    p.add_argument("--objectives", metavar="LIST", help="fine-tuning objectives (default: objectives.use, i.e. rec)")
+    p.add_argument("--from", dest="checkpoint", help="the pretrained checkpoint (its text/vision/model settings "
+                   "are used unless the recipe or overrides change them)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
     _config_args(p)
     p = add(sub, "train", "train from scratch on one domain (any item tower); writes run.dir",
             "pmmrec train -c configs/tiny.yaml data.domain=data/world/target run.dir=runs/tiny", cmd_train)
+    p.add_argument("--objectives", metavar="LIST", help="objectives (default: objectives.use, i.e. rec)")
     p.add_argument("--resume", action="store_true",
                    help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
     _config_args(p)

@@ -402,15 +402,35 @@ def _build(cls: type, values: dict[str, Any], prefix: str, where: _Where, all_ke
         raise ConfigError(f"{lines.pop()}: {e}" if len(lines) == 1 else str(e)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML recipe (or only defaults when ``path`` is None) and apply ``dotted.key=value`` overrides."""
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None, base_source: str = "checkpoint") -> Config:
+    """Load a YAML recipe (or only defaults when ``path`` is None) and apply ``dotted.key=value`` overrides.
+
+    ``base`` (e.g. the config stored in a checkpoint) sits under the recipe: keys the recipe or the overrides
+    set win, every other key keeps the base's value.
+    """
     where = _Where()
-    tree: dict[str, Any] = _read_yaml(Path(path), where) if path is not None else {}
+    tree: dict[str, Any] = {}
+    if base is not None:
+        tree = yaml.safe_load(yaml.safe_dump(base))  # a deep copy holding only plain YAML types
+        for key in _all_keys(Config):
+            where.lines[key] = base_source
+    if path is not None:
+        tree = _merge(tree, _read_yaml(Path(path), where))
     for text in overrides:
         key, value = parse_override(text)
         parts = key.split(".")
         for i in range(1, len(parts) + 1):  # so "unknown key 'trian'" also names the override
-            where.lines.setdefault(".".join(parts[:i]), f"override '{text}'")
+            if base is None or where.lines.get(".".join(parts[:i])) in (None, base_source):
+                where.lines[".".join(parts[:i])] = f"override '{text}'"
         where.lines[key] = f"override '{text}'"
         _set_dotted(tree, key, value)
     return _build(Config, tree, "", where, _all_keys(Config))
@@ -419,15 +439,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
                      source: str = "checkpoint") -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint), then apply overrides."""
-    where = _Where()
-    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy holding only plain YAML types
-    for key in _all_keys(Config):
-        where.lines[key] = source
-    for text in overrides:
-        key, value = parse_override(text)
-        where.lines[key] = f"override '{text}'"
-        _set_dotted(tree, key, value)
-    return _build(Config, tree, "", where, _all_keys(Config))
+    return load_config(None, overrides, base=tree, base_source=source)
 
 
 def config_to_yaml(config: Config) -> str:

@@ -42,11 +42,18 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["config", "show", "--debug", "-c", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.parametrize("command", ["pretrain", "transfer", "serve"])
+@pytest.mark.parametrize("command", ["serve", "recommend", "export-embeddings", "bench"])
 def test_later_commands_fail_clearly(command, capsys):
-    code = main([command] if command != "serve" else [command, "--checkpoint", "x"])
+    code = main([command, "train"] if command == "bench" else [command])
     assert code == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_pretrain_and_transfer_say_what_is_missing(capsys):
+    assert main(["pretrain"]) == 2
+    assert "set data.sources=" in capsys.readouterr().err
+    assert main(["transfer"]) == 2
+    assert "needs --from CHECKPOINT" in capsys.readouterr().err
 
 
 def test_train_without_domain_says_what_to_set(capsys):

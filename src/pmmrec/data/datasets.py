@@ -88,3 +88,7 @@ class EvalSequences:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, users: np.ndarray) -> EvalSequences:
+        index = torch.as_tensor(np.asarray(users, dtype=np.int64))
+        return EvalSequences(self.inputs[index], self.targets[index], [self.histories[i] for i in index.tolist()])

@@ -144,11 +144,15 @@ class ImageTable:
             cached = self._cache.get(item)
             if cached is None:
                 image, ok = self._load(item)
-                stored = image.astype(np.float16) if ok else None  # half the memory; exact enough for pixels
-                if self.cache_items > 0 and ok:
-                    self._cache[item] = stored
-                    if len(self._cache) > self.cache_items:
-                        self._cache.popitem(last=False)
+                if ok:
+                    # Pixels are kept as float16 (half the memory) and served from that rounding *every* time,
+                    # first load included: results must not depend on what happens to be cached (exact resume).
+                    stored = image.astype(np.float16)
+                    image = stored.astype(np.float32)
+                    if self.cache_items > 0:
+                        self._cache[item] = stored
+                        if len(self._cache) > self.cache_items:
+                            self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(item)
                 image, ok = cached.astype(np.float32), True

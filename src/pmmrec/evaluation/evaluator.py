@@ -46,14 +46,36 @@ def user_vectors(model: PMMRec, item_vecs: Tensor, inputs: Tensor, batch_size: i
 
 
 @torch.no_grad()
-def evaluate(model: PMMRec, item_vecs: Tensor, sequences: EvalSequences, cfg: EvalConfig) -> dict:
-    """Metrics under both protocols, ``{"exclude_history": {"HR@10": ...}, "include_history": {...}}``."""
+def evaluate(model: PMMRec, item_vecs: Tensor, sequences: EvalSequences, cfg: EvalConfig,
+             candidates: Tensor | None = None) -> dict:
+    """Metrics under both protocols, ``{"exclude_history": {"HR@10": ...}, "include_history": {...}}``.
+
+    ``candidates`` (item numbers) restricts the ranking to a sub-catalogue, e.g. one domain of a merged
+    pretraining catalogue; the users' inputs are still read through the full ``item_vecs``.
+    """
     was_training = model.training
     model.eval()
     try:
         users = user_vectors(model, item_vecs, sequences.inputs, cfg.batch_size)
-        return evaluate_rankings(users, item_vecs, sequences.targets.to(item_vecs.device),
-                                 [h.to(item_vecs.device) for h in sequences.histories], cfg.ks,
-                                 user_chunk=cfg.batch_size, item_chunk=cfg.item_chunk)
+        targets, histories = sequences.targets.to(item_vecs.device), [h.to(item_vecs.device)
+                                                                       for h in sequences.histories]
+        if candidates is not None:
+            candidates = candidates.to(item_vecs.device)
+            local = torch.zeros(len(item_vecs), dtype=torch.long, device=item_vecs.device)  # merged -> local number
+            local[candidates] = torch.arange(1, len(candidates) + 1, device=item_vecs.device)
+            item_vecs = torch.cat([item_vecs[:1], item_vecs[candidates]])  # (C+1, D), row 0 = padding
+            targets = local[targets]
+            if bool((targets == 0).any()):
+                raise ValueError("a target item lies outside the candidate catalogue")
+            histories = [local[h][local[h] > 0] for h in histories]
+        return evaluate_rankings(users, item_vecs, targets, histories, cfg.ks, user_chunk=cfg.batch_size,
+                                 item_chunk=cfg.item_chunk)
     finally:
         model.train(was_training)
+
+
+def mean_over_domains(per_domain: dict[str, dict]) -> dict:
+    """Average each metric of each protocol over domains (every domain weighs the same)."""
+    first = next(iter(per_domain.values()))
+    return {protocol: {name: float(sum(d[protocol][name] for d in per_domain.values()) / len(per_domain))
+                       for name in first[protocol]} for protocol in first}

@@ -9,6 +9,8 @@ one item tower that cannot transfer to new items.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -57,28 +59,54 @@ class ItemEncoder(nn.Module):
         """Whether each modality is reduced to one vector before fusion (all but the token-level fusions)."""
         return self.fusion is None or not isinstance(self.fusion, TOKEN_LEVEL)
 
-    def forward(self, items: ItemInputs) -> Tensor:
-        """Any flat set of N items -> (N, D) item vectors."""
-        if self.id_embedding is not None:
-            return self.id_embedding(items.items)
-        # When the fusion only needs one vector per modality, pool the encoder states *before* projecting:
-        # a linear map commutes with a (masked) mean, so the result is the same and the projection runs on
-        # one vector instead of T or P tokens (49x fewer for EfficientNet's image tokens).
+    def modality_tokens(self, items: ItemInputs) -> ModalityTokens:
+        """Projected per-modality token states, before fusion (what NICL aligns, pooled).
+
+        When the fusion only needs one vector per modality, the encoder states are pooled *before* the
+        projection: a linear map commutes with a (masked) mean, so the result is the same and the projection runs
+        on one vector instead of T or P tokens (49x fewer for EfficientNet's image tokens).
+        """
         pool = self.pools_first
-        text = image = text_mask = image_mask = None
+        out = ModalityTokens()
         if self.text is not None:
             states = items.text_states.float() if items.text_states is not None else \
                 self.text(items.text_ids, items.text_mask)  # (N, T, H): cached when the encoder is frozen
-            text_mask = items.text_mask
+            mask = items.text_mask
             if pool:
-                states, text_mask = masked_mean(states, text_mask)[:, None], text_mask.new_ones(len(states), 1)
-            text = self.text_proj(states)  # (N, T, D), or (N, 1, D) pooled
+                states, mask = masked_mean(states, mask)[:, None], mask.new_ones(len(states), 1)
+            out.text, out.text_mask = self.text_proj(states), mask  # (N, T, D), or (N, 1, D) pooled
         if self.vision is not None:
             states = items.image_states.float() if items.image_states is not None else self.vision(items.images)
             if pool:
                 states = states.mean(dim=1, keepdim=True)  # (N, 1, H)
-            image = self.vision_proj(states)  # (N, P, D), or (N, 1, D) pooled
-            image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)  # (N, P)
+            out.image = self.vision_proj(states)  # (N, P, D), or (N, 1, D) pooled
+            out.image_mask = torch.ones(out.image.shape[:2], dtype=torch.long, device=out.image.device)
+        return out
+
+    def fuse(self, tokens: ModalityTokens) -> Tensor:
+        """Per-modality tokens -> (N, D) item vectors (mean pooling when there is one modality)."""
         if self.fusion is None:
-            return masked_mean(text, text_mask) if text is not None else image.mean(dim=1)
-        return self.fusion(text, text_mask, image, image_mask)
+            return tokens.pooled_text() if tokens.text is not None else tokens.pooled_image()
+        return self.fusion(tokens.text, tokens.text_mask, tokens.image, tokens.image_mask)
+
+    def forward(self, items: ItemInputs) -> Tensor:
+        """Any flat set of N items -> (N, D) item vectors."""
+        if self.id_embedding is not None:
+            return self.id_embedding(items.items)
+        return self.fuse(self.modality_tokens(items))
+
+
+@dataclass
+class ModalityTokens:
+    """Projected token states of each modality present (None where the modality is off)."""
+
+    text: Tensor | None = None  # (N, T, D)
+    text_mask: Tensor | None = None  # (N, T)
+    image: Tensor | None = None  # (N, P, D)
+    image_mask: Tensor | None = None  # (N, P)
+
+    def pooled_text(self) -> Tensor:
+        return masked_mean(self.text, self.text_mask)  # (N, D)
+
+    def pooled_image(self) -> Tensor:
+        return masked_mean(self.image, self.image_mask)  # (N, D)

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from pmmrec.config import Config
 from pmmrec.data.batch import ItemInputs
+from pmmrec.errors import ConfigError
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.models.user import build_user_encoder
+from pmmrec.objectives.heads import ContrastiveHead, NoiseClassifier
 
 
 class PMMRec(nn.Module):
@@ -20,6 +22,17 @@ class PMMRec(nn.Module):
         super().__init__()
         self.item_encoder = ItemEncoder(config, num_items)
         self.user_encoder = build_user_encoder(config.model, config.data.max_seq_len)
+        # Heads of the auxiliary objectives (saved with the model, never transferred: they serve pretraining).
+        self.heads = nn.ModuleDict()
+        use, dim = set(config.objectives.use), config.model.dim
+        if "nicl" in use:
+            if not (self.item_encoder.uses_text and self.item_encoder.uses_vision):
+                raise ConfigError("objectives.use includes nicl, which aligns text and image: it needs "
+                                  "model.modality=multimodal and model.item_tower=content")
+            self.heads["nicl_text"] = ContrastiveHead.from_config(dim, config.objectives.nicl)
+            self.heads["nicl_image"] = ContrastiveHead.from_config(dim, config.objectives.nicl)
+        if "nid" in use:
+            self.heads["nid"] = NoiseClassifier(dim)
 
     def encode_items(self, items: ItemInputs) -> Tensor:
         return self.item_encoder(items)  # (N, D)

@@ -1,9 +1,13 @@
 """Training objectives of PMMRec (ICDE 2024; DESIGN.md section 5), kept outside the model (STYLE.md rule 4).
 
 Every loss is a plain function of tensors: the model produces user states and item vectors, the loss knows
-nothing about ranks, devices or configuration. ``next_item`` holds L_rec, the reference code's next-item loss.
+nothing about ranks, devices or configuration. ``next_item`` holds L_rec, the reference code's next-item loss;
+``nicl``, ``nid`` and ``rcl`` the auxiliary losses, ``corruption`` the noise that L_NID and L_RCL share, and
+``heads`` the small modules (owned and saved by the model) that those losses need.
 """
 
+from pmmrec.objectives.corruption import corrupt
+from pmmrec.objectives.heads import ContrastiveHead, NoiseClassifier
 from pmmrec.objectives.next_item import (
     log_popularity,
     next_item_loss,
@@ -11,6 +15,10 @@ from pmmrec.objectives.next_item import (
     sampled_next_item_loss,
     window_item_mask,
 )
+from pmmrec.objectives.nicl import nicl_loss
+from pmmrec.objectives.nid import nid_loss
+from pmmrec.objectives.rcl import rcl_loss
 
 __all__ = ["log_popularity", "next_item_loss", "sample_negative_items", "sampled_next_item_loss",
-           "window_item_mask"]
+           "window_item_mask", "corrupt", "ContrastiveHead", "NoiseClassifier", "nicl_loss", "nid_loss",
+           "rcl_loss"]

@@ -10,6 +10,7 @@ optimiser, the scheduler and the scaler, so an interrupted run ends with the met
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -29,14 +30,17 @@ from pmmrec.data.domain import read_domain
 from pmmrec.data.item_features import ItemFeatureStore
 from pmmrec.data.split import SplitData, leave_one_out
 from pmmrec.errors import PmmrecError
-from pmmrec.evaluation.evaluator import encode_catalogue, evaluate
+from pmmrec.evaluation.evaluator import encode_catalogue, evaluate, mean_over_domains
 from pmmrec.models.feature_cache import cache_frozen_features
 from pmmrec.models.pmmrec import PMMRec
-from pmmrec.objectives.next_item import log_popularity, next_item_loss
+from pmmrec.objectives import corrupt, log_popularity, next_item_loss, nicl_loss, nid_loss, rcl_loss
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pmmrec.training.optim import build_optimizer, build_scheduler
 from pmmrec.training.run_dir import RunDir
+from pmmrec.training.sources import DomainView, load_sources
+from pmmrec.training.transfer import init_from, transfer_config
+from pmmrec.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +120,21 @@ def needs_images(config: Config) -> bool:
 class Trainer:
     """Fits a PMMRec model on one domain's leave-one-out split and writes the run folder."""
 
-    def __init__(self, config: Config, model: PMMRec | None = None, split: SplitData | None = None):
+    def __init__(self, config: Config, model: PMMRec | None = None, split: SplitData | None = None,
+                 views: list[DomainView] | None = None, init: str | None = None):
+        """``views`` (pretraining): the source domains inside a merged ``split``, each validated on its own.
+        ``init`` (transfer): a checkpoint whose ``transfer.parts`` initialise the model before anything is
+        computed from it (such as the frozen-feature cache)."""
         self.config = config
         self.device = resolve_device(config.train.device)
         seed_everything(config.seed, config.train.deterministic)
         self.run = RunDir(config.run.dir)
         split = split if split is not None else load_split(config)
-        self.model = (model if model is not None else PMMRec(config, len(split.item_ids))).to(self.device)
+        self.views = views
+        self.per_domain: dict[str, dict] = {}
+        self.model = model if model is not None else PMMRec(config, len(split.item_ids))
+        self.transfer_report = init_from(self.model, init, config.transfer.parts) if init is not None else None
+        self.model.to(self.device)
         store = build_store(config, self.model, split, self.run.path / "cache")
         cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size)
         valid, test = eval_splits(split, config.data.max_seq_len)
@@ -185,24 +197,57 @@ class Trainer:
                           persistent_workers=False)
 
     # ------------------------------------------------------------------------------------------------ steps
-    def loss(self, batch: SequenceBatch) -> torch.Tensor:
+    def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted sum of the objectives in ``objectives.use`` and each term's value (for logging)."""
+        cfg = self.config.objectives
+        use = set(cfg.use)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
+        encoder = self.model.item_encoder
         with autocast:
-            unique_embs = self.model.encode_items(batch.inputs)  # (U, D): each distinct item once
-            item_embs = unique_embs[batch.inverse]  # (B, L+1, D)
+            tokens = encoder.modality_tokens(batch.inputs) if encoder.tower == "content" else None
+            unique_embs = encoder.fuse(tokens) if tokens is not None else self.model.encode_items(batch.inputs)
+            item_embs = unique_embs[batch.inverse]  # (B, L+1, D): each distinct item was encoded once
             mask = batch.items[:, :-1] != 0  # (B, L)
             states = self.model.encode_sequences(item_embs[:, :-1], mask)  # (B, L, D)
-            return next_item_loss(states.float(), item_embs.float(), batch.items, self.log_pop)
+            parts: dict[str, torch.Tensor] = {}
+            if "rec" in use:
+                parts["rec"] = next_item_loss(states.float(), item_embs.float(), batch.items, self.log_pop)
+            if "nicl" in use:
+                text = self.model.heads["nicl_text"](tokens.pooled_text())[batch.inverse]  # (B, L+1, D)
+                image = self.model.heads["nicl_image"](tokens.pooled_image())[batch.inverse]
+                parts["nicl"] = nicl_loss(text.float(), image.float(), batch.items, cfg.nicl.tau,
+                                          cfg.nicl.next_item_positives)
+            if use & {"nid", "rcl"}:
+                # The corruption is drawn from (seed, epoch, batch): deterministic, and identical after a resume.
+                generator = torch.Generator().manual_seed(
+                    self.config.seed * 1_000_003 + self.epoch * 100_003 + self.batch_in_epoch)
+                corrupted, changed = corrupt(batch.items[:, :-1], cfg.nid.ratio, generator, cfg.nid.shuffle)
+                # Replacements come from the batch's own items, whose vectors are already computed.
+                noisy = unique_embs[torch.searchsorted(batch.unique, corrupted.to(batch.unique.device))]
+                noisy_states = self.model.encode_sequences(noisy, mask)  # (B, L, D)
+                if "nid" in use:
+                    parts["nid"] = nid_loss(self.model.heads["nid"](noisy_states).float(),
+                                            changed.to(mask.device), mask)
+                if "rcl" in use:
+                    parts["rcl"] = rcl_loss(states[:, -1].float(), noisy_states[:, -1].float(), cfg.rcl.tau)
+        total = sum(cfg.weights.get(name, 1.0) * value for name, value in parts.items())
+        return total, {name: float(value.detach()) for name, value in parts.items()}
 
     def evaluate(self, which: str = "valid") -> dict:
+        """Full-ranking metrics on one split; with views, per domain (kept in ``per_domain``) and their mean."""
         self.model.eval()
         item_vecs = encode_catalogue(self.model, self.data.store, self.data.num_items, self.device,
                                      self.config.eval.batch_size)
-        return evaluate(self.model, item_vecs, self.data.valid if which == "valid" else self.data.test,
-                        self.config.eval)
+        sequences = self.data.valid if which == "valid" else self.data.test
+        if self.views is None:
+            return evaluate(self.model, item_vecs, sequences, self.config.eval)
+        self.per_domain[which] = {
+            view.name: evaluate(self.model, item_vecs, sequences.subset(view.users), self.config.eval,
+                                candidates=torch.from_numpy(view.items)) for view in self.views}
+        return mean_over_domains(self.per_domain[which])
 
-    def _after_eval(self, metrics: dict, loss: float | None) -> bool:
+    def _after_eval(self, metrics: dict, loss: float | None, terms: dict[str, float]) -> bool:
         """Log, checkpoint, early-stop. Returns True when training should stop."""
         protocol, name = SELECT_METRIC
         value = metrics[protocol].get(name, next(iter(metrics[protocol].values())))
@@ -211,7 +256,8 @@ class Trainer:
             self.best, self.bad_evals, self.best_update = value, 0, self.update
         else:
             self.bad_evals += 1
-        self.run.log_metrics({"step": self.update, "epoch": self.epoch, "train_loss": loss, "valid": metrics})
+        self.run.log_metrics({"step": self.update, "epoch": self.epoch, "train_loss": loss, "train_terms": terms,
+                              "valid": metrics})
         if self.writer is not None:
             for proto, values in metrics.items():
                 for key, v in values.items():
@@ -227,6 +273,9 @@ class Trainer:
             raise PmmrecError(f"run.dir {self.run.path} already holds a run; pass --resume to continue it, "
                               "or set another run.dir (or delete that folder) to start afresh")
         self.run.create(self.config)
+        if self.transfer_report is not None:
+            atomic_write_text(self.run.path / "transfer.json",
+                              json.dumps(self.transfer_report.to_dict(), indent=2) + "\n")
         try:
             if resume and not self.run.last.is_file():
                 log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
@@ -251,12 +300,15 @@ class Trainer:
         stop = self.update >= self.total_updates
         while not stop and self.epoch < cfg.epochs:
             losses: list[float] = []
+            part_sums: dict[str, float] = {}  # objective -> sum over this epoch's batches (mean logged)
             bar = tqdm(self.batches(self.epoch, self.batch_in_epoch), desc=f"epoch {self.epoch}",
                        total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, disable=None)
             for batch in bar:
-                loss = self.loss(batch.to(self.device, non_blocking=True))
+                loss, parts = self.loss(batch.to(self.device, non_blocking=True))
                 self.scaler.scale(loss / cfg.grad_accum).backward()
                 losses.append(loss.item())
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch % cfg.grad_accum and self.batch_in_epoch < self.steps_per_epoch:
                     continue
@@ -264,11 +316,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
                 if self.writer is not None:
                     self.writer.add_scalar("train/loss", losses[-1], self.update)
+                    for name, value in parts.items():
+                        self.writer.add_scalar(f"train/{name}", value, self.update)
                 if self.update >= self.total_updates:
                     stop = True
                     break
                 if cfg.eval_every and self.update % cfg.eval_every == 0:
-                    if self._after_eval(self.evaluate("valid"), float(np.mean(losses))):
+                    if self._after_eval(self.evaluate("valid"), float(np.mean(losses)),
+                                        {k: v / len(losses) for k, v in part_sums.items()}):
                         return
                     self.model.train()
                 elif cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0:
@@ -277,7 +332,8 @@ class Trainer:
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if not cfg.eval_every or stop:
-                if self._after_eval(self.evaluate("valid"), float(np.mean(losses)) if losses else None):
+                if self._after_eval(self.evaluate("valid"), float(np.mean(losses)) if losses else None,
+                                    {k: v / len(losses) for k, v in part_sums.items()}):
                     return
                 self.model.train()
 
@@ -300,6 +356,9 @@ class Trainer:
                    "steps": self.update, "epochs": self.epoch, "num_items": self.data.num_items,
                    "num_users": len(self.data.windows)}
         results["eval_seconds"] = round(time.perf_counter() - started, 3)
+        if self.views is not None:
+            results["per_domain"] = {view.name: {split: self.per_domain[split][view.name]
+                                                 for split in ("valid", "test")} for view in self.views}
         self.run.write_results(results)
         log.info("test (exclude_history): %s", {k: round(v, 4) for k, v in results["test"]["exclude_history"].items()})
         return results
@@ -308,3 +367,21 @@ class Trainer:
 def train(config: Config, resume: bool = False) -> dict:
     """``pmmrec train``: fit on ``data.domain`` from scratch and return ``results.json``'s content."""
     return Trainer(config).fit(resume=resume)
+
+
+def transfer(checkpoint: str, recipe: str | None, overrides: list[str] | tuple[str, ...] = (),
+             resume: bool = False) -> dict:
+    """``pmmrec transfer --from CKPT``: fine-tune on ``data.domain`` starting from ``transfer.parts`` of CKPT.
+
+    The architecture (text, vision, model sections) comes from the checkpoint unless the recipe or the overrides
+    change it (``model.modality=text`` uses only the pretrained text branch).
+    """
+    config = transfer_config(load_checkpoint(checkpoint), recipe, [*overrides, f"transfer.checkpoint={checkpoint}"],
+                             checkpoint)
+    return Trainer(config, init=checkpoint).fit(resume=resume)
+
+
+def pretrain(config: Config, resume: bool = False) -> dict:
+    """``pmmrec pretrain``: fit on all of ``data.sources`` together; validation per source domain."""
+    split, views = load_sources(config, needs_images(config))
+    return Trainer(config, split=split, views=views).fit(resume=resume)

@@ -86,3 +86,12 @@ def test_hub_names_are_refused_with_a_clear_message():
     with pytest.raises(PmmrecError, match="cannot be downloaded at run time.*text.encoder=DIR"):
         tokenizer_dir("bert-base-uncased")
     assert tokenizer_dir("tiny") == minilm_path()
+
+
+def test_pixels_do_not_depend_on_the_cache(tiny_domain):
+    domain = read_domain(tiny_domain, missing_image="blank")
+    cached, uncached = _store(domain), _store(domain, image_cache_items=0)
+    first = cached.lookup([1, 2]).images  # loads and caches
+    again = cached.lookup([1, 2]).images  # served from the cache
+    fresh = uncached.lookup([1, 2]).images
+    assert torch.equal(first, again) and torch.equal(first, fresh)
