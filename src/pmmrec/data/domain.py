@@ -57,6 +57,12 @@ class Domain:
     def num_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    def image_refs(self) -> list[tuple[Path | None, str]]:
+        """Where each item's image lives: (image LMDB folder or None, key inside it), in item order."""
+        if self.image_sources is not None:
+            return list(self.image_sources)
+        return [(self.image_db, iid) for iid in self.item_ids]
+
     def item_index(self) -> dict[str, int]:
         """Raw item id -> item number (1-based)."""
         return {iid: i + 1 for i, iid in enumerate(self.item_ids)}
@@ -191,18 +197,11 @@ def read_domain(path: str | os.PathLike, empty_title: Literal["error", "blank"] 
 
 
 def items_without_image(domain: Domain) -> list[str]:
-    if domain.image_sources is not None:
-        from pmmrec.data.image_db import image_keys
-
-        keys = {db: image_keys(db) for db in {db for db, _ in domain.image_sources if db is not None}}
-        return [iid for iid, (db, key) in zip(domain.item_ids, domain.image_sources, strict=True)
-                if db is None or key not in keys[db]]
-    if domain.image_db is None:
-        return list(domain.item_ids)
     from pmmrec.data.image_db import image_keys
 
-    keys = image_keys(domain.image_db)
-    return [iid for iid in domain.item_ids if iid not in keys]
+    refs = domain.image_refs()
+    keys = {db: image_keys(db) for db in {db for db, _ in refs if db is not None}}
+    return [iid for iid, (db, key) in zip(domain.item_ids, refs, strict=True) if db is None or key not in keys[db]]
 
 
 def check_images(domain: Domain, missing_image: Literal["error", "blank"]) -> list[str]:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from pmmrec.data.batch import ItemInputs
-from pmmrec.data.domain import Domain
 from pmmrec.data.image_db import ImageDB
 from pmmrec.data.images import ImagePreprocessor
 from pmmrec.errors import DataError, PmmrecError
@@ -30,14 +29,6 @@ log = logging.getLogger(__name__)
 ImageRef = tuple[Path | None, str]  # (image LMDB folder or None, key inside it)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json",
                     "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def image_refs_of(domain: Domain) -> list[ImageRef]:
-    """Where each item's image lives. Merged (multi-domain) catalogues carry per-item sources."""
-    sources = getattr(domain, "image_sources", None)
-    if sources is not None:
-        return [(Path(p) if p is not None else None, key) for p, key in sources]
-    return [(domain.image_db, iid) for iid in domain.item_ids]
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -49,12 +49,6 @@ class SplitData:
         return len(self.user_ids)
 
 
-def _image_sources(domain: Domain) -> list[tuple[Path | None, str]]:
-    if domain.image_sources is not None:
-        return list(domain.image_sources)
-    return [(domain.image_db, iid) for iid in domain.item_ids]
-
-
 def leave_one_out(domain: Domain, max_seq_len: int = 20, min_seq_len: int = 3) -> SplitData:
     """Split ``domain`` as the reference code does (see the module docstring)."""
     if min_seq_len < 3:
@@ -84,7 +78,7 @@ def leave_one_out(domain: Domain, max_seq_len: int = 20, min_seq_len: int = 3) -
         valid.append(seq[-(max_seq_len + 2):-1])
         test.append(seq[-(max_seq_len + 1):])
     train_counts = np.bincount(np.concatenate(train), minlength=len(old) + 1).astype(np.int64)
-    sources = _image_sources(domain)
+    sources = domain.image_refs()
     return SplitData(
         name=domain.name,
         item_ids=[domain.item_ids[i - 1] for i in old],
@@ -124,7 +118,7 @@ def merge_domains(domains: list[Domain], name: str | None = None) -> Domain:
         prefix = d.name + NAMESPACE_SEP
         item_ids += [prefix + iid for iid in d.item_ids]
         titles += d.titles
-        sources += _image_sources(d)
+        sources += d.image_refs()
         user_ids += [prefix + uid for uid in d.user_ids]
         # Item numbers shift by the items before this domain; 0 (padding) stays 0.
         sequences += [np.where(s > 0, s + offset, 0).astype(np.int64) for s in d.sequences]

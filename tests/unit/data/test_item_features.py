@@ -4,7 +4,7 @@ import torch
 
 from pmmrec.data.domain import read_domain
 from pmmrec.data.images import ImagePreprocessor
-from pmmrec.data.item_features import ItemFeatureStore, TokenTable, image_refs_of, load_tokenizer
+from pmmrec.data.item_features import ItemFeatureStore, TokenTable, load_tokenizer
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.pretrained import minilm_path, tokenizer_dir
 
@@ -13,7 +13,7 @@ def _store(domain, **kw):
     args = dict(tokenizer_path=minilm_path(), max_tokens=8, preprocessor=ImagePreprocessor(size=8),
                 missing_image="blank")
     args.update(kw)
-    return ItemFeatureStore.build(domain.titles, image_refs_of(domain), **args)
+    return ItemFeatureStore.build(domain.titles, domain.image_refs(), **args)
 
 
 def test_titles_tokenised_with_the_bundled_tokenizer(tiny_domain):

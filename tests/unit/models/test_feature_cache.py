@@ -6,7 +6,7 @@ import torch
 
 from pmmrec.config import load_config
 from pmmrec.data.domain import read_domain
-from pmmrec.data.item_features import ItemFeatureStore, image_refs_of
+from pmmrec.data.item_features import ItemFeatureStore
 from pmmrec.models.feature_cache import cache_frozen_features
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.pretrained import tokenizer_dir
@@ -19,7 +19,7 @@ def _setup(tiny_domain, *overrides):
     torch.manual_seed(0)
     encoder = ItemEncoder(config, num_items=6).eval()
     domain = read_domain(tiny_domain, missing_image="blank")
-    store = ItemFeatureStore.build(domain.titles, image_refs_of(domain), tokenizer_path=tokenizer_dir("tiny"),
+    store = ItemFeatureStore.build(domain.titles, domain.image_refs(), tokenizer_path=tokenizer_dir("tiny"),
                                    max_tokens=config.text.max_tokens,
                                    preprocessor=encoder.vision.preprocessor() if encoder.vision else None,
                                    missing_image="blank")
