@@ -117,3 +117,21 @@ def test_pretraining_resumes_exactly_with_corruption(quick_world, tmp_path):
     pretrain(load_config(TINY, [*common, f"run.dir={tmp_path / 'split'}", "train.epochs=1"]))
     resumed = pretrain(load_config(TINY, [*common, f"run.dir={tmp_path / 'split'}", "train.epochs=2"]), resume=True)
     assert resumed["test"] == full["test"] and resumed["steps"] == full["steps"]
+
+
+def test_per_domain_batches_stay_inside_one_domain(quick_world, tmp_path):
+    from pmmrec.training.sources import load_sources
+
+    config = load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'run'}", "data.mix=per_domain",
+                                "train.batch_size=32"])
+    split, views = load_sources(config, needs_images=True)
+    trainer = Trainer(config, split=split, views=views)
+    plan = trainer.batch_plan(0)
+    domain_of = {int(u): v.name for v in views for u in v.users}
+    assert all(len({domain_of[u] for u in batch}) == 1 for batch in plan)
+    assert sorted(u for batch in plan for u in batch) == list(range(len(split.train)))
+    assert trainer.steps_per_epoch == len(plan) == 3 * 5  # 150 users a domain, batches of 32
+    assert len({domain_of[b[0]] for b in plan[:4]}) > 1  # batch order is shuffled across domains
+    mixed = Trainer(load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'm'}", "train.batch_size=32"]),
+                    split=split, views=views).batch_plan(0)
+    assert any(len({domain_of[u] for u in batch}) > 1 for batch in mixed)

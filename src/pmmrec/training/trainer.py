@@ -141,7 +141,7 @@ class Trainer:
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
         self.log_pop = log_popularity(split.train_counts).to(self.device)
         cfg = config.train
-        self.steps_per_epoch = math.ceil(len(self.data.windows) / cfg.batch_size)  # batches per epoch
+        self.steps_per_epoch = len(self.batch_plan(0))  # batches per epoch (the same every epoch)
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum)
         self.total_updates = cfg.max_steps or self.updates_per_epoch * cfg.epochs
         self.optimizer = build_optimizer(self.model, cfg)
@@ -185,13 +185,27 @@ class Trainer:
         save_checkpoint(self.run.last, state)
 
     # -------------------------------------------------------------------------------------------------- data
+    def batch_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches (lists of user indices) in a (seed, epoch)-determined order.
+
+        ``data.mix: per_domain`` (pretraining) keeps every batch inside one source domain, so in-batch negatives
+        come from the same domain; the order of those batches is shuffled. Otherwise batches mix users freely.
+        """
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        size = self.config.train.batch_size
+        if self.views is None or self.config.data.mix == "mixed":
+            order = torch.randperm(len(self.data.windows), generator=generator).tolist()
+            return [order[i:i + size] for i in range(0, len(order), size)]
+        plan = []
+        for view in self.views:
+            users = view.users[torch.randperm(len(view.users), generator=generator).numpy()].tolist()
+            plan += [users[i:i + size] for i in range(0, len(users), size)]
+        return [plan[i] for i in torch.randperm(len(plan), generator=generator).tolist()]
+
     def batches(self, epoch: int, skip: int) -> DataLoader:
-        """The epoch's batches in a (seed, epoch)-determined order, skipping the first ``skip`` (resume)."""
-        order = torch.randperm(len(self.data.windows), generator=torch.Generator().manual_seed(
-            self.config.seed * 100_003 + epoch)).tolist()
-        order = order[skip * self.config.train.batch_size:]
+        """The epoch's batches, skipping the first ``skip`` (resume)."""
         # A generator of its own, so creating the loader never draws from the global RNG (exact resume).
-        return DataLoader(self.data.windows, batch_size=self.config.train.batch_size, sampler=order,
+        return DataLoader(self.data.windows, batch_sampler=self.batch_plan(epoch)[skip:],
                           collate_fn=WindowCollator(self.data.store), num_workers=self.config.data.num_workers,
                           generator=torch.Generator().manual_seed(epoch), pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
