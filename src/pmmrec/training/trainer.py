@@ -117,6 +117,13 @@ def needs_images(config: Config) -> bool:
     return config.model.item_tower == "content" and config.model.modality in ("multimodal", "vision")
 
 
+def check_run_dir(run: RunDir, resume: bool) -> None:
+    """Refuse to start afresh over a run that exists (checked before any expensive set-up)."""
+    if not resume and (run.last.is_file() or (run.path / "metrics.jsonl").is_file()):
+        raise PmmrecError(f"run.dir {run.path} already holds a run; pass --resume to continue it, "
+                          "or set another run.dir (or delete that folder) to start afresh")
+
+
 class Trainer:
     """Fits a PMMRec model on one domain's leave-one-out split and writes the run folder."""
 
@@ -283,9 +290,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         cfg = self.config.train
-        if not resume and (self.run.last.is_file() or (self.run.path / "metrics.jsonl").is_file()):
-            raise PmmrecError(f"run.dir {self.run.path} already holds a run; pass --resume to continue it, "
-                              "or set another run.dir (or delete that folder) to start afresh")
+        check_run_dir(self.run, resume)
         self.run.create(self.config)
         if self.transfer_report is not None:
             atomic_write_text(self.run.path / "transfer.json",
@@ -380,6 +385,7 @@ class Trainer:
 
 def train(config: Config, resume: bool = False) -> dict:
     """``pmmrec train``: fit on ``data.domain`` from scratch and return ``results.json``'s content."""
+    check_run_dir(RunDir(config.run.dir), resume)
     return Trainer(config).fit(resume=resume)
 
 
@@ -392,10 +398,12 @@ def transfer(checkpoint: str, recipe: str | None, overrides: list[str] | tuple[s
     """
     config = transfer_config(load_checkpoint(checkpoint), recipe, [*overrides, f"transfer.checkpoint={checkpoint}"],
                              checkpoint)
+    check_run_dir(RunDir(config.run.dir), resume)
     return Trainer(config, init=checkpoint).fit(resume=resume)
 
 
 def pretrain(config: Config, resume: bool = False) -> dict:
     """``pmmrec pretrain``: fit on all of ``data.sources`` together; validation per source domain."""
+    check_run_dir(RunDir(config.run.dir), resume)
     split, views = load_sources(config, needs_images(config))
     return Trainer(config, split=split, views=views).fit(resume=resume)
