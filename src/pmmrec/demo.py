@@ -42,13 +42,16 @@ VARIANTS = [  # (name, overrides on top of the recipe)
 ]
 
 
-def demo_config(world: Path, run_dir: Path, quick: bool = False, seed: int = 0) -> Config:
-    """The CPU recipe pointed at the built-in world: sources for pretraining, ``target`` for training."""
+def demo_config(world: Path, run_dir: Path, quick: bool = False, seed: int = 0,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The CPU recipe pointed at the built-in world (sources for pretraining, ``target`` for training),
+    plus a variant's ``overrides``."""
     domains = read_world(world)["domains"]
     sources = [(world / d["folder"]).as_posix() for d in domains if d["role"] == "source"]
     target = next((world / d["folder"]).as_posix() for d in domains if d["role"] == "target")
     return load_config(None, [*CPU_RECIPE, *(QUICK if quick else []), f"data.sources=[{', '.join(sources)}]",
-                              f"data.domain={target}", f"run.dir={run_dir.as_posix()}", f"seed={seed}"])
+                              f"data.domain={target}", f"run.dir={run_dir.as_posix()}", f"seed={seed}",
+                              *overrides])
 
 
 def _row(name: str, results: dict, seconds: float | None) -> dict:
@@ -111,16 +114,14 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: boo
     if runs.exists() and overwrite:
         shutil.rmtree(runs)  # the demo always starts its runs afresh
     rows = []
-    base = demo_config(world, out / "runs" / "scratch", quick, seed)
-    split = load_split(base)
-    valid, test = eval_splits(split, base.data.max_seq_len)
+    base = demo_config(world, runs, quick, seed)
+    split = load_split(base)  # read once, shared by every variant
+    _, test = eval_splits(split, base.data.max_seq_len)
     popular = {"test": most_popular(split.train_counts, test, base.eval.ks)}
     rows.append(_row("Most popular", popular, None))
     for name, overrides in VARIANTS:
         run_dir = out / "runs" / name.split(",")[0].split()[0].lower()
-        config = load_config(None, [*CPU_RECIPE, *(QUICK if quick else []), f"data.domain={base.data.domain}",
-                                    f"data.sources=[{', '.join(base.data.sources)}]", f"run.dir={run_dir}",
-                                    f"seed={seed}", *overrides])
+        config = demo_config(world, run_dir, quick, seed, overrides)
         print(f"training {name} ...", flush=True)
         t0 = time.perf_counter()
         results = Trainer(config, split=split).fit()

@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pmmrec.config import EvalConfig
+from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import EvalSequences
 from pmmrec.data.item_features import ItemFeatureStore
 from pmmrec.evaluation.ranking import evaluate_rankings
@@ -23,8 +24,6 @@ from pmmrec.models.pmmrec import PMMRec
 def encode_catalogue(model: PMMRec, store: ItemFeatureStore | None, num_items: int, device: torch.device,
                      batch_size: int = 256, progress: bool = False) -> Tensor:
     """(N+1, D) vectors of items 0..N; row 0 (padding) is zero."""
-    from pmmrec.data.batch import ItemInputs
-
     chunks = [torch.zeros(1, model.item_encoder.dim, device=device)]
     starts = range(1, num_items + 1, batch_size)
     for start in tqdm(starts, desc="encode items", disable=not progress, leave=False):

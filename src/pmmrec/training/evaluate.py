@@ -24,4 +24,5 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (),
     model = PMMRec(config, len(state["item_ids"]) if config.model.item_tower == "id" else len(split.item_ids))
     model.load_state_dict(state["model"])
     trainer = Trainer(config, model=model, split=split)
-    return {which: trainer.evaluate(which) for which in (splits or ["valid", "test"])}
+    item_vecs = trainer.catalogue()  # encoded once, shared by the splits
+    return {which: trainer.evaluate(which, item_vecs) for which in (splits or ["valid", "test"])}

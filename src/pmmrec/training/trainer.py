@@ -77,7 +77,7 @@ class TrainData:
 
     @property
     def num_items(self) -> int:
-        return len(self.split.item_ids)
+        return self.split.num_items
 
 
 def build_store(config: Config, model: PMMRec, split: SplitData, cache_dir: Path | None) -> ItemFeatureStore | None:
@@ -255,11 +255,18 @@ class Trainer:
         total = sum(cfg.weights.get(name, 1.0) * value for name, value in parts.items())
         return total, {name: float(value.detach()) for name, value in parts.items()}
 
-    def evaluate(self, which: str = "valid") -> dict:
-        """Full-ranking metrics on one split; with views, per domain (kept in ``per_domain``) and their mean."""
+    def catalogue(self) -> torch.Tensor:
+        """(N+1, D) vectors of every item, each encoded once with the current weights."""
         self.model.eval()
-        item_vecs = encode_catalogue(self.model, self.data.store, self.data.num_items, self.device,
-                                     self.config.eval.batch_size)
+        return encode_catalogue(self.model, self.data.store, self.data.num_items, self.device,
+                                self.config.eval.batch_size)
+
+    def evaluate(self, which: str = "valid", item_vecs: torch.Tensor | None = None) -> dict:
+        """Full-ranking metrics on one split; with views, per domain (kept in ``per_domain``) and their mean.
+
+        ``item_vecs`` (from :meth:`catalogue`) lets several splits share one encoding of the catalogue.
+        """
+        item_vecs = self.catalogue() if item_vecs is None else item_vecs
         sequences = self.data.valid if which == "valid" else self.data.test
         if self.views is None:
             return evaluate(self.model, item_vecs, sequences, self.config.eval)
@@ -371,7 +378,9 @@ class Trainer:
         if self.run.best.is_file():
             self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
         started = time.perf_counter()
-        results = {"valid": self.evaluate("valid"), "test": self.evaluate("test"), "best_step": self.best_update,
+        item_vecs = self.catalogue()
+        results = {"valid": self.evaluate("valid", item_vecs), "test": self.evaluate("test", item_vecs),
+                   "best_step": self.best_update,
                    "steps": self.update, "epochs": self.epoch, "num_items": self.data.num_items,
                    "num_users": len(self.data.windows)}
         results["eval_seconds"] = round(time.perf_counter() - started, 3)
