@@ -80,6 +80,14 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
 
 
+def cmd_data_import_reference(args: argparse.Namespace) -> None:
+    from pmmrec.data.reference import import_reference
+
+    report = import_reference(args.folder, args.out, name=args.name, image_format=args.image_format,
+                              empty_title=args.empty_title, overwrite=args.overwrite)
+    print(report.summary())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # config, training and later-stage commands
 
@@ -262,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
             "pmmrec data stats data/world/target", cmd_data_stats)
     p.add_argument("domain", help="a domain folder")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add(dsub, "import-reference", "import the PMMRec authors' release (<name>_users.tsv, "
+            "<name>_items_texts.tsv, pickled-image <name>_items_images.lmdb) into a domain folder; images are "
+            "unpickled with an allow-list (anything else is refused) and re-encoded",
+            "pmmrec data import-reference downloads/bili_food --out data/bili_food", cmd_data_import_reference)
+    p.add_argument("folder", help="the folder holding the reference files")
+    p.add_argument("--name", help="the files' prefix, e.g. bilibili_food (needed when the folder holds several)")
+    p.add_argument("--out", required=True, help="the domain folder to create")
+    p.add_argument("--image-format", choices=["png", "jpeg"], default="png",
+                   help="how images are stored: png (lossless, default) or jpeg (smaller)")
+    p.add_argument("--empty-title", choices=["error", "blank"], default="error",
+                   help="items with an empty title: fail (default) or keep them with an empty title")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     # config ----------------------------------------------------------------------------------------------------
     cfg = sub.add_parser("config", help="inspect configurations", parents=[common])

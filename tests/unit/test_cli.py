@@ -7,7 +7,7 @@ from pmmrec.cli import main
 
 COMMANDS = ["data", "config", "pretrain", "transfer", "train", "evaluate", "recommend", "export-embeddings",
             "serve", "bench", "demo"]
-DATA_COMMANDS = ["synth", "prepare", "build-images", "stats"]
+DATA_COMMANDS = ["synth", "prepare", "build-images", "stats", "import-reference"]
 
 
 def _help(argv, capsys) -> str:
