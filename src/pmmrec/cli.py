@@ -187,6 +187,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    from pmmrec.training.import_checkpoint import import_checkpoint
+
+    report, _ = import_checkpoint(args.reference, args.out, text_encoder=args.text_encoder,
+                                  vision_encoder=args.vision_encoder, allow_partial=args.allow_partial,
+                                  num_heads=args.num_heads)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    print(f"wrote {args.out}; fine-tune it with: pmmrec transfer --from {args.out} data.domain=DOMAIN")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # parser
 
@@ -347,6 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "vs a raw matmul+top-K floor; serve: HTTP latency under concurrent load")
     p.add_argument("--out", help="JSON file for the results (default: bench-WHAT.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, done in seconds (for tests)")
+
+    p = add(sub, "import-checkpoint", "convert the PMMRec authors' pretrained checkpoint (e.g. Pmmrec_pt) into a "
+            "pmmrec checkpoint for `pmmrec transfer --from`; every tensor is reported mapped or unmapped",
+            "pmmrec import-checkpoint pretrain-PT/epoch-0.pt --text-encoder models/xlm-roberta-base "
+            "--vision-encoder models/clip-vit-base-patch32 --out pmmrec_pt.pt", cmd_import_checkpoint)
+    p.add_argument("reference", help="the reference checkpoint (read with torch.load(weights_only=True))")
+    p.add_argument("--text-encoder", required=True, help="local folder of the text encoder it was trained with "
+                   "(paper: xlm-roberta-base; architecture and tokenizer, the weights come from the checkpoint)")
+    p.add_argument("--vision-encoder", required=True, help="local folder of the vision encoder it was trained with "
+                   "(paper: clip-vit-base-patch32, with its preprocessor_config.json)")
+    p.add_argument("--out", required=True, help="the pmmrec checkpoint to write")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept a checkpoint that fills only part of the model (default: refuse)")
+    p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (paper: 2)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
 
     p = add(sub, "demo", "the end-to-end demo on the built-in world (what `make demo` runs)",
             "pmmrec demo --out runs/demo --quick", cmd_demo)

@@ -6,7 +6,7 @@ import pytest
 from pmmrec.cli import main
 
 COMMANDS = ["data", "config", "pretrain", "transfer", "train", "evaluate", "recommend", "export-embeddings",
-            "serve", "bench", "demo"]
+            "serve", "bench", "demo", "import-checkpoint"]
 DATA_COMMANDS = ["synth", "prepare", "build-images", "stats", "import-reference"]
 
 
