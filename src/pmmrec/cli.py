@@ -88,6 +88,27 @@ def cmd_data_import_reference(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def cmd_data_import_atomic(args: argparse.Namespace) -> None:
+    from pmmrec.data.atomic import import_atomic
+
+    report = import_atomic(args.folder, args.out, name=args.name, image_dir=args.images,
+                           title_field=args.title_field, image_field=args.image_field, min_seq_len=args.min_seq_len,
+                           empty_title=args.empty_title, overwrite=args.overwrite)
+    print(report.summary())
+
+
+def cmd_data_export_atomic(args: argparse.Namespace) -> None:
+    from pmmrec.config import load_config
+    from pmmrec.data.atomic import export_atomic
+
+    overrides = [f"data.{key}={value}" for key, value in (("max_seq_len", args.max_seq_len),
+                                                          ("min_seq_len", args.min_seq_len)) if value is not None]
+    data = load_config(args.config, overrides).data  # the split of the run this export is compared with
+    report = export_atomic(args.domain, args.out, name=args.name, max_seq_len=data.max_seq_len,
+                           min_seq_len=data.min_seq_len, images=args.images, overwrite=args.overwrite)
+    print(report.summary())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # config, training and later-stage commands
 
@@ -292,6 +313,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how images are stored: png (lossless, default) or jpeg (smaller)")
     p.add_argument("--empty-title", choices=["error", "blank"], default="error",
                    help="items with an empty title: fail (default) or keep them with an empty title")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add(dsub, "import-atomic", "import RecBole atomic files into a domain folder: <name>.inter + <name>.item "
+            "(typed headers, title and optional image column), or the benchmark files "
+            "<name>.{train,valid,test}.inter that export-atomic writes",
+            "pmmrec data import-atomic recbole/ml-1m --out data/ml-1m --images recbole/ml-1m/posters",
+            cmd_data_import_atomic)
+    p.add_argument("folder", help="the folder holding the atomic files")
+    p.add_argument("--out", required=True, help="the domain folder to create")
+    p.add_argument("--name", help="the dataset name (the files' prefix) when the folder holds several")
+    p.add_argument("--images", help="folder the .item file's image paths are relative to (default: FOLDER)")
+    p.add_argument("--title-field", help="title column of the .item file (default: title)")
+    p.add_argument("--image-field", help="image path column of the .item file (default: image, image_path, ...)")
+    p.add_argument("--min-seq-len", type=int, default=3, help="drop users with fewer interactions (.inter only)")
+    p.add_argument("--empty-title", choices=["error", "blank"], default="error",
+                   help="items with an empty title: fail (default) or keep them with an empty title")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add(dsub, "export-atomic", "write a domain's exact leave-one-out split as RecBole benchmark files "
+            "(<name>.{train,valid,test}.inter, <name>.item, a RecBole config and a split manifest), so any RecBole "
+            "model trains and tests on the same examples; the split follows the recipe's data.max_seq_len and "
+            "data.min_seq_len",
+            "pmmrec data export-atomic data/world/target --out recbole/target --config configs/tiny.yaml",
+            cmd_data_export_atomic)
+    p.add_argument("domain", help="a domain folder")
+    p.add_argument("--out", required=True, help="output folder; its name is the RecBole dataset name")
+    p.add_argument("-c", "--config", help="the run's YAML recipe, whose data.max_seq_len/min_seq_len set the split")
+    p.add_argument("--max-seq-len", type=int, help="override data.max_seq_len (default: the recipe's, else 20)")
+    p.add_argument("--min-seq-len", type=int, help="override data.min_seq_len (default: the recipe's, else 3)")
+    p.add_argument("--name", help="the dataset name (default: the --out folder's name)")
+    p.add_argument("--images", action="store_true", help="also write each item's image into OUT/images/")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     # config ----------------------------------------------------------------------------------------------------
