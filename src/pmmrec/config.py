@@ -156,6 +156,10 @@ class TrainConfig:
     checkpoint_every: int | None = None  # write last.pt every N optimiser steps; None = at each evaluation
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     gather_negatives: bool = True  # DDP: in-batch negatives gathered across ranks
+    # Where cached frozen-encoder features and token ids are stored, keyed by encoder weights, frozen depth,
+    # preprocessing and item contents; "" = <run.dir>/cache. Point several runs (or transfers) at one folder to
+    # compute each item's features once.
+    cache_dir: str = ""
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "grad_accum", "patience")

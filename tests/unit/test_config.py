@@ -37,9 +37,10 @@ def test_overrides_are_typed():
 def test_machine_readable_keys_exist():
     keys = ["data.domain=x", "data.sources=[x]", "run.dir=r", "train.epochs=1", "train.max_steps=5",
             "train.batch_size=4", "model.fusion=gated", "model.modality=text", "model.item_tower=id",
-            "model.user_encoder=gru4rec", "transfer.parts=item_encoder", "seed=1"]
+            "model.user_encoder=gru4rec", "transfer.parts=item_encoder", "seed=1", "train.cache_dir=shared/c"]
     c = load_config(None, keys)
     assert c.run.dir == "r" and c.transfer.parts == "item_encoder" and c.model.item_tower == "id"
+    assert c.train.cache_dir == "shared/c" and load_config(None).train.cache_dir == ""  # "" = <run.dir>/cache
 
 
 def test_unknown_key_in_file_names_file_line_and_suggestion(tmp_path):

@@ -27,6 +27,7 @@ from pmmrec.utils.io import atomic_file
 log = logging.getLogger(__name__)
 
 ImageRef = tuple[Path | None, str]  # (image LMDB folder or None, key inside it)
+DIGEST_BYTES = 16  # per-item content digests (blake2b-128), the keys of the on-disk feature cache
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json",
                     "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -86,6 +87,14 @@ class TokenTable:
                 np.savez(f, ids=ids, lengths=lengths, pad_id=np.int64(pad_id))
         return cls(ids, lengths, pad_id)
 
+    def content_digests(self) -> np.ndarray:
+        """(N+1, DIGEST_BYTES) uint8: a digest of every title's token ids (what a text encoder sees)."""
+        out = np.zeros((len(self.ids), DIGEST_BYTES), dtype=np.uint8)
+        for row, (ids, length) in enumerate(zip(self.ids, self.lengths, strict=True)):
+            digest = hashlib.blake2b(ids[:length].astype("<i4").tobytes(), digest_size=DIGEST_BYTES).digest()
+            out[row] = np.frombuffer(digest, dtype=np.uint8)
+        return out
+
     def lookup(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) item numbers -> token ids and mask (N, T), T = the longest of these titles (at least 1)."""
         width = max(int(self.lengths[items].max(initial=0)), 1)
@@ -127,6 +136,29 @@ class ImageTable:
             return np.asarray(self.preprocessor(data), dtype=np.float32), True
         except DataError as e:
             raise DataError(f"image of item {key!r} cannot be decoded: {e}", path) from None
+
+    def content_digests(self) -> tuple[np.ndarray, np.ndarray]:
+        """A digest of every item's encoded image bytes and whether it has an image, rows 0..N (0 = padding).
+
+        This identifies what a frozen vision encoder sees without decoding anything (the feature cache's key):
+        items without an image all share the digest of the blank image. ``missing_image: error`` raises for an
+        item without an image, as :meth:`lookup` would.
+        """
+        digests = np.zeros((len(self.refs) + 1, DIGEST_BYTES), dtype=np.uint8)
+        present = np.zeros(len(self.refs) + 1, dtype=bool)
+        blank = np.frombuffer(hashlib.blake2b(b"blank image", digest_size=DIGEST_BYTES).digest(), dtype=np.uint8)
+        digests[0] = blank
+        for item, (path, key) in enumerate(self.refs, start=1):
+            data = self._db(path).get(key) if path is not None else None
+            if data is None:
+                if self.missing_image == "error":
+                    raise DataError(f"item {key!r} has no image (set data.missing_image: blank to allow)",
+                                    path, field="images")
+                digests[item] = blank
+                continue
+            digests[item] = np.frombuffer(hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest(), dtype=np.uint8)
+            present[item] = True
+        return digests, present
 
     def lookup(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) item numbers -> images (N, 3, S, S) float32 and has_image (N,) bool."""

@@ -142,8 +142,10 @@ class Trainer:
         self.model = model if model is not None else PMMRec(config, len(split.item_ids))
         self.transfer_report = init_from(self.model, init, config.transfer.parts) if init is not None else None
         self.model.to(self.device)
-        store = build_store(config, self.model, split, self.run.path / "cache")
-        cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size)
+        cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else self.run.path / "cache"
+        store = build_store(config, self.model, split, cache_dir)
+        cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size,
+                              cache_dir=cache_dir)
         valid, test = eval_splits(split, config.data.max_seq_len)
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
         self.log_pop = log_popularity(split.train_counts).to(self.device)

@@ -72,3 +72,85 @@ def test_pooling_before_the_projection_is_exact(tiny_domain, overrides):
             slow = masked_mean(t, inputs.text_mask) if t is not None else v.mean(1)
     # Real items agree exactly; the padding item (no tokens) may differ and is masked everywhere downstream.
     assert torch.allclose(fast[:3], slow[:3], atol=1e-5)
+
+
+def _count_calls(module, counter):
+    original = module.forward
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        counter.append(len(out))  # items encoded in this call
+        return out
+
+    module.forward = counted
+
+
+def test_features_are_reused_across_runs_from_one_cache_dir(tiny_domain, tmp_path, caplog):
+    overrides = ("text.trainable_layers=0", "vision.trainable_layers=0")
+    encoder, store = _setup(tiny_domain, *overrides)
+    calls = []
+    _count_calls(encoder.text, calls)
+    _count_calls(encoder.vision, calls)
+    with caplog.at_level("INFO", logger="pmmrec.models.feature_cache"):
+        cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False, cache_dir=tmp_path)
+    assert sum(calls) > 0 and "cached text features: 7 items computed" in caplog.text
+    first_text, first_image = store.text_states.clone(), store.image_states.clone()
+
+    # A second run: same weights (same seed), same items -> nothing is computed, every row is identical.
+    encoder2, store2 = _setup(tiny_domain, *overrides)
+    calls.clear()
+    _count_calls(encoder2.text, calls)
+    _count_calls(encoder2.vision, calls)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pmmrec.models.feature_cache"):
+        assert cache_frozen_features(encoder2, store2, torch.device("cpu"), batch_size=3, progress=False,
+                                     cache_dir=tmp_path) == ["text", "vision"]
+    assert calls == []
+    assert "reused cached text features of 7 items" in caplog.text
+    assert "reused cached vision features of 7 items" in caplog.text
+    assert torch.equal(store2.text_states, first_text) and torch.equal(store2.image_states, first_image)
+    assert store2.has_image.tolist() == [False, True, True, True, True, True, False]
+    with torch.no_grad():
+        live = encoder2(_setup(tiny_domain, *overrides)[1].lookup(np.arange(1, 7)))
+        cached = encoder2(store2.lookup(np.arange(1, 7)))
+    assert torch.allclose(live, cached, atol=2e-2, rtol=1e-2)
+
+
+def test_changed_weights_or_items_miss_the_cache(tiny_domain, tmp_path):
+    overrides = ("text.trainable_layers=0", "vision.trainable_layers=0")
+    encoder, store = _setup(tiny_domain, *overrides)
+    cache_frozen_features(encoder, store, torch.device("cpu"), progress=False, cache_dir=tmp_path)
+
+    # Changed text weights: text recomputed for every item, images still reused.
+    encoder2, store2 = _setup(tiny_domain, *overrides)
+    with torch.no_grad():
+        encoder2.text.blocks()[0].output.dense.weight.add_(0.01)
+    calls = {"text": [], "vision": []}
+    _count_calls(encoder2.text, calls["text"])
+    _count_calls(encoder2.vision, calls["vision"])
+    cache_frozen_features(encoder2, store2, torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    assert sum(calls["text"]) == 7 and calls["vision"] == []
+    assert not torch.equal(store2.text_states, store.text_states)
+
+    # One changed title: only that item's text is computed; the others come from the cache.
+    encoder3, _ = _setup(tiny_domain, *overrides)
+    domain = read_domain(tiny_domain, missing_image="blank")
+    titles = list(domain.titles)
+    titles[1] = "an entirely new title"
+    store3 = ItemFeatureStore.build(titles, domain.image_refs(), tokenizer_path=tokenizer_dir("tiny"),
+                                    max_tokens=16, preprocessor=encoder3.vision.preprocessor(), missing_image="blank")
+    calls = {"text": [], "vision": []}
+    _count_calls(encoder3.text, calls["text"])
+    _count_calls(encoder3.vision, calls["vision"])
+    cache_frozen_features(encoder3, store3, torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    assert calls["text"] == [1] and calls["vision"] == []
+    rows = [0, 1, 3, 4, 5, 6]
+    width = min(store3.text_states.shape[1], store.text_states.shape[1])
+    assert torch.equal(store3.text_states[rows, :width], store.text_states[rows, :width])
+    with torch.no_grad():
+        assert torch.allclose(encoder3(store3.lookup(np.array([2]))),
+                              encoder3(ItemFeatureStore.build(titles, domain.image_refs(),
+                                                              tokenizer_path=tokenizer_dir("tiny"), max_tokens=16,
+                                                              preprocessor=encoder3.vision.preprocessor(),
+                                                              missing_image="blank").lookup(np.array([2]))),
+                              atol=2e-2, rtol=1e-2)
