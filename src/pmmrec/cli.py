@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pmmrec import __version__
 from pmmrec.errors import NotImplementedYet, PmmrecError
@@ -169,6 +170,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _print_results(results)
 
 
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from pmmrec.inference import Recommender
+
+    history = args.history.replace(",", " ").split()
+    if not history:
+        raise PmmrecError("--history is empty: give item ids separated by spaces, e.g. --history 'i1 i2 i3'")
+    recommender = Recommender.from_checkpoint(args.checkpoint, args.domain,
+                                              unknown_items="reject" if args.strict else "skip")
+    result = recommender.recommend_many([history], args.k, not args.include_history)[0]
+    if result.unknown:
+        log.warning("skipped %d unknown item id(s): %s", len(result.unknown), " ".join(result.unknown[:10]))
+    if args.json:
+        print(json.dumps({"items": [{"item_id": r.item_id, "score": r.score} for r in result.items],
+                          "unknown": result.unknown}, indent=2))
+        return
+    for rank, r in enumerate(result.items, start=1):
+        info = recommender.item(r.item_id)
+        title = f"  {info.title}" if info is not None and info.title else ""
+        print(f"{rank:3d}  {r.item_id}  {r.score:.4f}{title}")
+
+
+def cmd_export_embeddings(args: argparse.Namespace) -> None:
+    from pmmrec.inference import Recommender
+    from pmmrec.inference.export import export_embeddings
+
+    recommender = Recommender.from_checkpoint(args.checkpoint, args.domain)
+    done = export_embeddings(recommender, args.out, args.ids, args.faiss, args.faiss_kind)
+    print(f"wrote {done.count} item vectors of dimension {done.dim} to {done.vectors}, ids to {done.ids}"
+          + (f", faiss index to {done.index}" if done.index else ""))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pmmrec.serving.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
+          threads=args.threads, persist_items=args.persist_items)
+
+
 def _objectives(args: argparse.Namespace) -> str:
     """``--objectives rec,nicl`` -> the override ``objectives.use=[rec, nicl]``."""
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
@@ -205,7 +244,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from pmmrec.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, ablation=not args.no_ablation)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pmmrec.report import format_table, report_runs
+
+    rows = report_runs(args.runs, baseline=args.baseline, out=args.out)
+    print(format_table(rows, reference=rows[0]["name"] if args.baseline is None else Path(args.baseline).name))
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'report.md'}, report.json and report.png")
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> None:
@@ -386,23 +434,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the checkpoint's config, e.g. data.domain=... eval.ks=[10]")
+    domain_help = "the catalogue's domain folder (default: the checkpoint's data.domain)"
     p = add(sub, "recommend", "top-K next items for a history of raw item ids",
-            "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10",
-            _not_yet("recommend", "the serving issue"))
-    p.add_argument("--checkpoint")
-    p.add_argument("--history")
-    p.add_argument("-k", type=int, default=10)
-    p = add(sub, "export-embeddings", "write item vectors (.npy) and their ids",
-            "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy",
-            _not_yet("export-embeddings", "the serving issue"))
-    p.add_argument("--checkpoint")
-    p.add_argument("--out")
-    p = add(sub, "serve", "HTTP service (FastAPI) with /recommend, /items, /health",
-            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000",
-            _not_yet("serve", "the serving issue"))
-    p.add_argument("--checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+            "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10", cmd_recommend)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--history", required=True, help="raw item ids, oldest first, separated by spaces")
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--include-history", action="store_true", help="allow items of the history to be recommended")
+    p.add_argument("--strict", action="store_true", help="fail on unknown ids (default: skip them with a warning)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add(sub, "export-embeddings", "write item vectors (.npy) and their ids, optionally a faiss index",
+            "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy --faiss items.faiss",
+            cmd_export_embeddings)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--out", required=True, help="the vectors file (.npy, float32, one row per item)")
+    p.add_argument("--ids", help="the ids file, one per line in row order (default: OUT with .ids.txt)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--faiss", metavar="FILE", help="also write an inner-product faiss index (needs faiss-cpu)")
+    p.add_argument("--faiss-kind", choices=["hnsw", "flat"], default="hnsw",
+                   help="hnsw: approximate, for large catalogues (default); flat: exact")
+    p = add(sub, "serve", "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics",
+            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000", cmd_serve)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1; with more, POST /items is refused: each holds its own "
+                        "catalogue)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--persist-items", action="store_true",
+                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")
     p = add(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
             "pmmrec bench train --out bench.json --quick", cmd_bench)
     p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "
@@ -429,8 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
             "pmmrec demo --out runs/demo --quick", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="demo folder (report.md, world/, config.yaml)")
     p.add_argument("--quick", action="store_true", help="a tiny world, done in seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the objective ablation (two extra pretrainings: rec only, rec + NICL)")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    p = add(sub, "report", "compare finished runs: one table (HR@10, NDCG@10, gain vs a baseline) and a plot",
+            "pmmrec report runs/scratch runs/transfer runs/transfer-text --out runs/compare", cmd_report)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding results.json")
+    p.add_argument("--baseline", metavar="RUN", help="the run the gains are relative to (default: the first RUN)")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/report.md, report.json and report.png")
     return parser
 
 

@@ -43,11 +43,23 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["config", "show", "--debug", "-c", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.parametrize("command", ["serve", "recommend", "export-embeddings", "bench"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_later_commands_fail_clearly(command, capsys):
     code = main([command, "train"] if command == "bench" else [command])
     assert code == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "recommend", "export-embeddings"])
+def test_serving_commands_need_a_checkpoint(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command])
+    assert e.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_recommend_names_a_missing_checkpoint(capsys, tmp_path):
+    assert main(["recommend", "--checkpoint", str(tmp_path / "none.pt"), "--history", "a b"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_pretrain_and_transfer_say_what_is_missing(capsys):

@@ -1,0 +1,386 @@
+"""Recommender: top-K next items for a history of raw item ids, and new items added without retraining.
+
+DESIGN section 8. A content model (``model.item_tower: content``) knows items only by their title and image, so
+an item that did not exist at training time is recommendable as soon as it has one of them: it is encoded by
+the same :class:`~pmmrec.models.item_encoder.ItemEncoder` the catalogue was encoded with (the one item path,
+STYLE rule 4) and appended to the catalogue. The ID tower (SASRec baseline) cannot do this, by construction.
+
+Example::
+
+    rec = Recommender.from_checkpoint("runs/tiny/checkpoints/best.pt")
+    rec.add_items([NewItem("new1", title="Sea wave ship", image="new1.png")])
+    rec.recommend(["ta3", "ta17", "ta5"], k=10)   # [Recommendation(item_id=..., score=...), ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pmmrec.config import Config, config_from_dict
+from pmmrec.data.batch import ItemInputs
+from pmmrec.data.datasets import left_pad
+from pmmrec.data.domain import Domain, find_domain_files, read_domain
+from pmmrec.data.image_db import MAX_KEY_BYTES, image_keys
+from pmmrec.data.images import open_image
+from pmmrec.data.item_features import ItemFeatureStore, TokenTable
+from pmmrec.errors import DataError, PmmrecError
+from pmmrec.evaluation.evaluator import encode_catalogue
+from pmmrec.evaluation.ranking import topk_items
+from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
+from pmmrec.inference.persist import persist_items
+from pmmrec.models.pmmrec import PMMRec
+from pmmrec.pretrained import tokenizer_dir
+from pmmrec.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+UnknownItems = Literal["skip", "reject"]
+
+
+class UnknownItemsError(PmmrecError):
+    """A history names items that are not in the catalogue (under ``unknown_items="reject"``)."""
+
+    def __init__(self, unknown: list[str]):
+        self.unknown = unknown
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        super().__init__(f"unknown item id(s) in the history: {', '.join(map(repr, unknown[:5]))}{more}")
+
+
+class CannotAddItemsError(PmmrecError):
+    """The model cannot embed new items (the ID tower)."""
+
+
+class UnknownItemWarning(UserWarning):
+    """Items of a history were skipped because the catalogue does not have them."""
+
+
+@dataclass
+class NewItem:
+    """An item to add: a raw id plus a title and/or an image (encoded bytes, or the path of an image file)."""
+
+    item_id: str
+    title: str | None = None
+    image: bytes | str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: str
+    score: float
+
+
+@dataclass
+class RecommendResult:
+    """Recommendations for one history, and the history's ids that were skipped as unknown."""
+
+    items: list[Recommendation]
+    unknown: list[str] = field(default_factory=list)
+    used: int = 0  # how many history items the user vector was built from (the last max_seq_len known ones)
+
+
+class Recommender:
+    """A trained model plus an item catalogue; thread-safe (many recommending threads, items added at any time)."""
+
+    def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
+                 device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip"):
+        if unknown_items not in ("skip", "reject"):
+            raise PmmrecError(f"unknown_items must be 'skip' or 'reject', got {unknown_items!r}")
+        self.model = model.eval()
+        self.config = config
+        self.catalogue = catalogue
+        self.domain = domain  # the folder that add_items(persist=True) writes to
+        self.device = torch.device(device)
+        self.unknown_items = unknown_items
+        self.max_seq_len = config.data.max_seq_len
+        encoder = model.item_encoder
+        self.can_add_items = encoder.tower == "content"
+        self._tokenizer = tokenizer_dir(config.text.encoder) if encoder.uses_text else None
+        self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
+        self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, domain: str | os.PathLike | None = None, *,
+                        device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
+                        batch_size: int = 256, progress: bool = False) -> Recommender:
+        """Rebuild the model of a checkpoint and encode the catalogue of ``domain`` (default: its data.domain).
+
+        A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
+        over the items it was trained on, which the checkpoint lists itself (``domain`` then only adds titles).
+        """
+        state = load_checkpoint(path)
+        config = config_from_dict(state["config"], source=f"{path} (stored config)")
+        trained_ids = [str(i) for i in state["item_ids"]]
+        folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
+        id_tower = config.model.item_tower == "id"
+        if folder is None and not id_tower:
+            raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
+                              "(--domain FOLDER)")
+        device = torch.device(device)
+        if id_tower:
+            titles = _titles_by_id(folder, trained_ids) if folder is not None else None
+            model = PMMRec(config, len(trained_ids))
+            model.load_state_dict(state["model"])
+            model.to(device).eval()
+            vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
+            return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
+                       unknown_items=unknown_items)
+        uses_vision = config.model.modality in ("multimodal", "vision")
+        catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
+                                       missing_image=config.data.missing_image if uses_vision else None)
+        model = PMMRec(config, catalogue_domain.num_items)
+        model.load_state_dict(state["model"])
+        model.to(device).eval()
+        vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress)
+        refs = catalogue_domain.image_refs()
+        present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
+        catalogue = Catalogue(catalogue_domain.item_ids, vectors.cpu(), catalogue_domain.titles, refs, present)
+        log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
+                 config.model.modality, config.model.fusion, catalogue.dim)
+        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items)
+
+    # ----------------------------------------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return len(self.catalogue)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.catalogue
+
+    def item(self, item_id: str) -> ItemInfo | None:
+        return self.catalogue.info(item_id)
+
+    def item_image(self, item_id: str) -> bytes | None:
+        """The encoded image of an item (for display), or None."""
+        return self.catalogue.image(item_id)
+
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every item's id and vector, ``(ids, (N, D) float32)``, in catalogue order."""
+        snap = self.catalogue.snapshot()
+        return list(snap.ids[: snap.count]), snap.vectors[1:].numpy().astype(np.float32, copy=True)
+
+    def _numbers(self, snap: Snapshot, history: Sequence[str], unknown_items: UnknownItems) -> tuple[
+            np.ndarray, list[str]]:
+        if isinstance(history, str):
+            raise PmmrecError("history must be a list of item ids, not one string (split it first)")
+        numbers, unknown = [], []
+        for item_id in history:
+            number = snap.number(item_id) if isinstance(item_id, str) else None
+            if number is None:
+                unknown.append(item_id if isinstance(item_id, str) else repr(item_id))
+            else:
+                numbers.append(number)
+        if unknown and unknown_items == "reject":
+            raise UnknownItemsError(unknown)
+        if not numbers:
+            raise PmmrecError("no item of the history is in the catalogue" if history else "the history is empty")
+        return np.asarray(numbers, dtype=np.int64), unknown
+
+    @torch.no_grad()
+    def _user_vectors(self, snap: Snapshot, histories: list[np.ndarray]) -> Tensor:
+        """(U, D) user vectors: the user encoder's state after the last max_seq_len items (as in evaluation)."""
+        inputs = torch.from_numpy(np.stack([left_pad(h, self.max_seq_len) for h in histories])).to(self.device)
+        vectors = snap.vectors.to(self.device)
+        states = self.model.encode_sequences(vectors[inputs], inputs != 0)  # (U, L, D)
+        return states[:, -1].float()
+
+    def encode_user(self, history: Sequence[str], unknown_items: UnknownItems | None = None) -> Tensor:
+        """(D,) vector of a history of raw item ids."""
+        snap = self.catalogue.snapshot()
+        numbers, unknown = self._numbers(snap, history, unknown_items or self.unknown_items)
+        self._warn(unknown)
+        return self._user_vectors(snap, [numbers])[0].cpu()
+
+    def recommend(self, history: Sequence[str], k: int = 10, exclude_history: bool = True,
+                  unknown_items: UnknownItems | None = None) -> list[Recommendation]:
+        """The ``k`` best next items for ``history`` (raw ids, oldest first), best first.
+
+        Unknown ids are skipped with an :class:`UnknownItemWarning`, or raise :class:`UnknownItemsError` under
+        ``unknown_items="reject"``. With ``exclude_history`` the history's own items are never recommended.
+        """
+        result = self.recommend_many([history], k, exclude_history, unknown_items)[0]
+        self._warn(result.unknown)
+        return result.items
+
+    def recommend_many(self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True,
+                       unknown_items: UnknownItems | None = None) -> list[RecommendResult]:
+        """:meth:`recommend` for several histories at once (one matrix product; unknown ids reported, not warned)."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise PmmrecError(f"k must be a positive integer, got {k!r}")
+        snap = self.catalogue.snapshot()  # one consistent catalogue for the whole call
+        parsed = [self._numbers(snap, h, unknown_items or self.unknown_items) for h in histories]
+        if not parsed:
+            return []
+        numbers = [p[0] for p in parsed]
+        users = self._user_vectors(snap, numbers)  # (U, D)
+        exclude = [torch.from_numpy(n) for n in numbers] if exclude_history else None
+        scores, items = topk_items(users, snap.vectors.to(self.device), min(k, snap.count), exclude)
+        results = []
+        for row, (nums, unknown) in enumerate(parsed):
+            keep = items[row] > 0  # fewer than k candidates left: the tail is padding
+            recs = [Recommendation(snap.item_id(i), s) for i, s in zip(items[row][keep].tolist(),
+                                                                      scores[row][keep].tolist(), strict=True)]
+            results.append(RecommendResult(recs, unknown, min(len(nums), self.max_seq_len)))
+        return results
+
+    @staticmethod
+    def _warn(unknown: list[str]) -> None:
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            warnings.warn(f"skipped {len(unknown)} unknown item id(s) in the history: "
+                          f"{', '.join(map(repr, unknown[:5]))}{more}", UnknownItemWarning, stacklevel=3)
+
+    # ----------------------------------------------------------------------------------------- new items
+    def _check_new(self, items: Sequence[NewItem]) -> list[tuple[str, str | None, bytes | None]]:
+        """Validate new items and read their images: ``(item_id, title, image bytes)`` each."""
+        if not self.can_add_items:
+            raise CannotAddItemsError("this checkpoint's items are ID embeddings (model.item_tower=id): it cannot embed an "
+                              "item it was not trained on; use a content model (text, vision or multimodal)")
+        encoder = self.model.item_encoder
+        out, seen = [], set()
+        for item in items:
+            iid = item.item_id
+            if not isinstance(iid, str) or not iid or iid != iid.strip() or any(c.isspace() for c in iid):
+                raise PmmrecError(f"item id {iid!r}: must be a non-empty string without whitespace "
+                                  "(users.tsv separates ids by spaces)")
+            if len(iid.encode("utf-8")) > MAX_KEY_BYTES:
+                raise PmmrecError(f"item id {iid[:40]!r}...: longer than {MAX_KEY_BYTES} bytes")
+            if iid in seen:
+                raise PmmrecError(f"item id {iid!r} is given twice")
+            seen.add(iid)
+            title = item.title.strip() if isinstance(item.title, str) else item.title
+            if title is not None and not isinstance(title, str):
+                raise PmmrecError(f"item {iid!r}: title must be a string")
+            image = item.image
+            if isinstance(image, (str, os.PathLike)):
+                try:
+                    image = Path(image).read_bytes()
+                except OSError as e:
+                    raise PmmrecError(f"item {iid!r}: cannot read image {item.image}: {e.strerror or e}") from None
+            elif image is not None:
+                image = bytes(image)
+            if encoder.uses_text and not encoder.uses_vision and not title:
+                raise PmmrecError(f"item {iid!r}: this model reads titles only (model.modality=text): give a title")
+            if encoder.uses_vision and not encoder.uses_text and image is None:
+                raise PmmrecError(f"item {iid!r}: this model reads images only (model.modality=vision): "
+                                  "give an image")
+            if not title and image is None:
+                raise PmmrecError(f"item {iid!r}: give a title, an image, or both")
+            if image is not None and encoder.uses_vision:
+                try:
+                    open_image(image)  # header check: format and size, before any decoding
+                except DataError as e:
+                    raise PmmrecError(f"item {iid!r}: {e}") from None
+            out.append((iid, title or None, image))
+        taken = self.catalogue.existing([iid for iid, _, _ in out])
+        if taken:
+            raise DuplicateItemsError(f"item id(s) already in the catalogue: {', '.join(map(repr, taken[:5]))}")
+        return out
+
+    def _inputs(self, titles: list[str], images: list[bytes | None]) -> ItemInputs:
+        """Model inputs of new items, prepared exactly as the catalogue's (ItemFeatureStore) are."""
+        n = len(titles)
+        # The content item encoder never reads item numbers; 0 (padding) marks these as outside the catalogue.
+        inputs = ItemInputs(items=torch.zeros(n, dtype=torch.long))
+        if self._tokenizer is not None:
+            cfg = self.config.text
+            table = TokenTable.build(titles, self._tokenizer, cfg.max_tokens, cfg.lowercase)
+            inputs.text_ids, inputs.text_mask = table.lookup(np.arange(1, n + 1))
+        if self._preprocessor is not None:
+            pixels = []
+            for iid_image in images:
+                if iid_image is None:
+                    pixels.append(np.asarray(self._preprocessor.blank(), dtype=np.float32))
+                else:
+                    # The catalogue serves pixels from their float16 rounding (ImageTable): so do new items.
+                    pixels.append(self._preprocessor(iid_image).astype(np.float16).astype(np.float32))
+            inputs.images = torch.from_numpy(np.stack(pixels))
+            inputs.has_image = torch.tensor([i is not None for i in images], dtype=torch.bool)
+        return inputs
+
+    @torch.no_grad()
+    def encode_items(self, items: Sequence[NewItem], batch_size: int = 64) -> Tensor:
+        """(N, D) vectors of items given by title and/or image, through the model's ItemEncoder (not added)."""
+        checked = self._check_new(items)
+        return self._encode(checked, batch_size)
+
+    @torch.no_grad()
+    def _encode(self, checked: list[tuple[str, str | None, bytes | None]], batch_size: int = 64) -> Tensor:
+        chunks = []
+        for start in range(0, len(checked), batch_size):
+            part = checked[start:start + batch_size]
+            try:
+                inputs = self._inputs([t or "" for _, t, _ in part], [img for _, _, img in part])
+            except DataError as e:
+                raise PmmrecError(f"a new item's image cannot be used: {e}") from None
+            chunks.append(self.model.encode_items(inputs.to(self.device)).float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.catalogue.dim)
+
+    def add_items(self, items: Sequence[NewItem], persist: bool = False) -> list[str]:
+        """Encode new items and add them to the catalogue; they are recommendable when this returns.
+
+        ``persist`` also writes them into the catalogue's domain folder (image LMDB, then items.tsv, each
+        atomically), so the next :meth:`from_checkpoint` has them. Returns the ids added.
+        """
+        items = list(items)
+        if not items:
+            return []
+        with self._add_lock:
+            checked = self._check_new(items)
+            if persist:
+                self._check_persistable(checked)
+            vectors = self._encode(checked)
+            if persist:
+                persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
+            self.catalogue.append([c[0] for c in checked], vectors, [c[1] for c in checked],
+                                  [c[2] for c in checked])
+        log.info("added %d item(s): %s", len(checked), ", ".join(c[0] for c in checked[:5]))
+        return [c[0] for c in checked]
+
+    def _check_persistable(self, checked: list[tuple[str, str | None, bytes | None]]) -> None:
+        if self.domain is None:
+            raise PmmrecError("persist=True needs the catalogue's domain folder, and this recommender has none")
+        find_domain_files(self.domain)
+        if self.config.data.empty_title == "error":
+            untitled = [iid for iid, title, _ in checked if not title]
+            if untitled:
+                raise PmmrecError(f"item {untitled[0]!r}: items.tsv needs a title (data.empty_title=error), so "
+                                  "an item without one cannot be persisted")
+
+
+def _encode_domain(model: PMMRec, config: Config, domain: Domain, device: torch.device, batch_size: int,
+                   progress: bool) -> Tensor:
+    """(N+1, D) vectors of a domain's items through the model's ItemEncoder (row 0 = padding)."""
+    encoder = model.item_encoder
+    store = ItemFeatureStore.build(
+        domain.titles, domain.image_refs() if encoder.uses_vision else None,
+        tokenizer_path=tokenizer_dir(config.text.encoder) if encoder.uses_text else None,
+        max_tokens=config.text.max_tokens, lowercase=config.text.lowercase,
+        preprocessor=encoder.vision.preprocessor() if encoder.uses_vision else None,
+        missing_image=config.data.missing_image, image_cache_items=0)
+    try:
+        return encode_catalogue(model, store, domain.num_items, device, batch_size, progress)
+    finally:
+        if store.images is not None:
+            # Release the read-only LMDB handles: persisting new items opens the same database for writing, and
+            # LMDB allows one environment per database and process.
+            for db in store.images._dbs.values():
+                db.close()
+
+
+def _titles_by_id(folder: Path, ids: list[str]) -> list[str | None]:
+    from pmmrec.data.domain import read_items
+
+    item_ids, titles = read_items(find_domain_files(folder).items, empty_title="blank")
+    by_id = dict(zip(item_ids, titles, strict=True))
+    return [by_id.get(i) for i in ids]

@@ -1,0 +1,73 @@
+"""``pmmrec serve``: load a checkpoint and run the service under uvicorn (127.0.0.1 unless told otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pmmrec.errors import PmmrecError
+
+log = logging.getLogger(__name__)
+
+_ENV = "PMMREC_SERVE_OPTIONS"  # JSON options for each worker process (--workers > 1)
+
+
+def _check_server_deps() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise PmmrecError("pmmrec serve needs FastAPI and uvicorn: pip install 'pmmrec[serve]'") from None
+
+
+def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
+              workers: int = 1, unknown_items: str = "skip"):
+    """The app for one process: load the checkpoint, encode the catalogue, wrap it in :func:`create_app`."""
+    import torch
+
+    from pmmrec.inference import Recommender
+    from pmmrec.serving.app import create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items)
+    refusal = None
+    if workers > 1:
+        refusal = (f"this server runs {workers} worker processes, each with its own copy of the catalogue, which "
+                   "additions would make diverge; run `pmmrec serve --workers 1` to add items")
+    return create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal)
+
+
+def app_from_env():
+    """uvicorn factory for worker processes: the options come from the parent through the environment."""
+    return build_app(**json.loads(os.environ[_ENV]))
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, domain: str | None = None,
+          threads: int | None = None, persist_items: bool = False, unknown_items: str = "skip",
+          log_level: str = "info") -> None:
+    """Run the service until interrupted."""
+    _check_server_deps()
+    import uvicorn
+
+    if workers < 1:
+        raise PmmrecError(f"--workers must be at least 1, got {workers}")
+    if not 0 <= port <= 65535:
+        raise PmmrecError(f"--port must be in 0..65535, got {port}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the service has no authentication; anyone who can reach this address can "
+                    "use it%s", host, " and add items" if workers == 1 else "")
+    options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
+               "workers": workers, "unknown_items": unknown_items}
+    if workers == 1:
+        app = build_app(**options)  # load before binding, so a bad checkpoint fails here with one line
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return
+    # Several processes: uvicorn imports the app in each of them. Check the checkpoint once here first.
+    from pmmrec.training.checkpoint import load_checkpoint
+
+    load_checkpoint(checkpoint)
+    os.environ[_ENV] = json.dumps(options)
+    uvicorn.run("pmmrec.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level)
