@@ -160,6 +160,10 @@ class TrainConfig:
     # preprocessing and item contents; "" = <run.dir>/cache. Point several runs (or transfers) at one folder to
     # compute each item's features once.
     cache_dir: str = ""
+    # Cache the output of each encoder's frozen blocks once per item and run only the trainable top blocks in
+    # training (DESIGN section 9; equal to the full forward up to float16 rounding). false = run every frozen
+    # block at every step (the reference code's behaviour; fully frozen encoders are cached either way).
+    feature_cache: bool = True
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "grad_accum", "patience")

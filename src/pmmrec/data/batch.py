@@ -20,10 +20,11 @@ class ItemInputs:
     text_mask: torch.Tensor | None = None  # (N, T) 1 = real token
     images: torch.Tensor | None = None  # (N, 3, S, S) preprocessed pixels
     has_image: torch.Tensor | None = None  # (N,) False where a blank image stands in
-    # Outputs of a fully frozen encoder, cached once per item (``trainable_layers: 0``): when present the item
-    # encoder skips that encoder. ``text_states`` goes with ``text_mask``; ``image_states`` replaces ``images``.
+    # Outputs of an encoder's frozen part (its frozen-prefix output, or its final states when it is fully frozen),
+    # cached once per item: when present the item encoder runs only the trainable top blocks on them.
+    # ``text_states`` goes with ``text_mask``; ``image_states`` replaces ``images``.
     text_states: torch.Tensor | None = None  # (N, T, H_text)
-    image_states: torch.Tensor | None = None  # (N, P, H_image)
+    image_states: torch.Tensor | None = None  # (N, P, H_image) tokens, or (N, C, h, w) a CNN's feature map
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ItemInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

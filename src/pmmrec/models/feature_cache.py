@@ -1,15 +1,23 @@
-"""Cached outputs of frozen encoders, in memory and on disk, reused across runs and transfers (DESIGN section 9).
+"""Cached outputs of the frozen part of each encoder, in memory and on disk, reused across runs (DESIGN section 9).
 
-A frozen encoder runs in eval mode without gradients, so its output for an item is the same at every step, every
-epoch and every run that uses the same weights on the same item. With ``trainable_layers: 0`` the whole encoder
-is frozen and its final token states are cached; training and evaluation then run only the projections, the
-fusion and the user encoder. The outputs equal the live forward up to float16 rounding (tested).
+PMMRec fine-tunes only the top blocks of its text and vision encoders (§IV-A). Everything below them (the
+embeddings and the frozen blocks, the *frozen prefix*) computes the same function of the item at every step,
+every epoch and every run with the same weights, so its output is computed once per item (batched, no grad),
+stored in float16, and training, evaluation and serving run only the trainable top blocks on it
+(:meth:`TextEncoder.top`, :meth:`VisionEncoder.top`). With ``trainable_layers: 0`` the whole encoder is frozen and
+its final token states are cached; then only the projections, the fusion and the user encoder run.
 
-On disk (``train.cache_dir``, default ``<run.dir>/cache``) the features live under
+*Semantics.* The model's outputs with the cache equal the full forward up to float16 rounding of the cached
+states (tested, and so are training curves). The one difference in principle is that no dropout can act inside
+cached blocks, since their output is computed once; pmmrec already runs frozen blocks in eval mode (no dropout,
+BatchNorm on its pretrained statistics; :mod:`pmmrec.models.encoders.freeze`) with or without the cache, so in
+pmmrec the two paths train the same model. (The reference code left dropout on in its frozen blocks.)
+
+*On disk* (``train.cache_dir``, default ``<run.dir>/cache``) the features live under
 ``features/<kind>-<fingerprint>/``, where the fingerprint covers everything that determines them except the item
 itself: the cache format, the encoder's class, a hash of every tensor of the frozen part (weights and buffers),
-the frozen depth and, for images, the preprocessing. Inside, *shards* hold rows keyed by a digest of the item's
-content (its token ids, or its encoded image bytes): ``<shard>.keys.npy`` (M, 16) uint8 and
+the split point (frozen depth) and, for images, the preprocessing. Inside, *shards* hold rows keyed by a digest
+of the item's content (its token ids, or its encoded image bytes): ``<shard>.keys.npy`` (M, 16) uint8 and
 ``<shard>.states.npy`` (M, ...) float16, each written atomically, keys last, so a shard is complete once its
 keys file exists. A run looks every item up by its digest, reads (memory-maps) the rows found, computes only the
 missing items and appends them as a new shard. So nine runs on one target domain, or transfers from checkpoints
@@ -42,18 +50,21 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the meaning of a cached row changes
 
 
-def weights_digest(modules: Iterable[nn.Module]) -> str:
-    """A hash of every tensor (parameters and buffers) of ``modules``: their names, dtypes, shapes and values.
-
-    Memory layout does not matter (a channels-last copy hashes the same); device does not either.
-    """
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of named tensors: their names, dtypes, shapes and values (memory layout and device do not matter:
+    a channels-last copy hashes the same)."""
     digest = hashlib.blake2b(digest_size=16)
-    for index, module in enumerate(modules):
-        for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"{index}.{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, tensor in sorted(named, key=lambda pair: pair[0]):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def weights_digest(modules: Iterable[nn.Module]) -> str:
+    """:func:`tensors_digest` of every parameter and buffer of ``modules``."""
+    return tensors_digest((f"{i}.{name}", t) for i, module in enumerate(modules)
+                          for name, t in module.state_dict().items())
 
 
 def _digest_keys(digests: np.ndarray) -> list[bytes]:
@@ -184,33 +195,47 @@ def _fill(job: CacheJob, cache_dir: Path | None, batch_size: int, progress: bool
     return out, len(hits), len(firsts)
 
 
-def _text_final_job(encoder: ItemEncoder, store: ItemFeatureStore, device: torch.device) -> CacheJob:
+def frozen_weights_digest(model: nn.Module, trainable: Iterable[nn.Module]) -> str:
+    """:func:`tensors_digest` of ``model`` without the tensors of its ``trainable`` blocks: those change in
+    training (BatchNorm statistics included), and the frozen prefix does not depend on them."""
+    skip = {id(t) for block in trainable for t in block.state_dict(keep_vars=True).values()}
+    return tensors_digest((name, t) for name, t in model.state_dict(keep_vars=True).items() if id(t) not in skip)
+
+
+def _level(encoder) -> str:
+    return "final" if encoder.trainable_layers == 0 else f"prefix-{encoder.first_trainable}"
+
+
+def _text_job(encoder: ItemEncoder, store: ItemFeatureStore, device: torch.device) -> CacheJob:
     text = encoder.text
 
     def compute(items: np.ndarray) -> torch.Tensor:
         ids, mask = store.tokens.lookup(items)
-        states = text(ids.to(device), mask.to(device))  # (b, T, H)
+        mask = mask.to(device)
+        states = text.prefix(ids.to(device), mask)  # (b, T, H)
         # Positions past a title's end are zeroed: they are masked everywhere, and a row must not depend on
         # the batch it was computed in (a cached row and a fresh one are then bit-identical).
-        return states * mask.to(device)[..., None]
+        return states * mask[..., None]
 
-    fingerprint = {"kind": "text", "level": "final", "encoder": type(text.model).__name__,
-                   "weights": weights_digest([text.model]), "frozen_blocks": len(text.blocks()),
+    top = text.blocks()[text.first_trainable:]
+    fingerprint = {"kind": "text", "level": _level(text), "encoder": type(text.model).__name__,
+                   "weights": frozen_weights_digest(text.model, top), "blocks": len(text.blocks()),
                    "max_tokens": int(store.tokens.ids.shape[1]), "pad_id": int(store.tokens.pad_id)}
     width = max(int(store.tokens.lengths.max(initial=0)), 1)
     return CacheJob("text", fingerprint, store.tokens.content_digests(), compute, width=width)
 
 
-def _vision_final_job(encoder: ItemEncoder, store: ItemFeatureStore, device: torch.device) -> CacheJob:
+def _vision_job(encoder: ItemEncoder, store: ItemFeatureStore, device: torch.device) -> CacheJob:
     vision = encoder.vision
 
     def compute(items: np.ndarray) -> torch.Tensor:
         images, _ = store.images.lookup(items)
-        return vision(images.to(device))  # (b, P, H)
+        return vision.prefix(images.to(device)).contiguous()  # (b, P, H) or a CNN's (b, C, h, w)
 
     digests, present = store.images.content_digests()
-    fingerprint = {"kind": "vision", "level": "final", "encoder": type(vision.backbone).__name__,
-                   "weights": weights_digest([vision.backbone]), "frozen_blocks": len(vision.blocks()),
+    top = vision.blocks()[vision.first_trainable:]
+    fingerprint = {"kind": "vision", "level": _level(vision), "encoder": type(vision.backbone).__name__,
+                   "weights": frozen_weights_digest(vision.backbone, top), "blocks": len(vision.blocks()),
                    "preprocessing": repr(vision.preprocessor())}
     return CacheJob("vision", fingerprint, digests, compute, has_image=present)
 
@@ -218,22 +243,25 @@ def _vision_final_job(encoder: ItemEncoder, store: ItemFeatureStore, device: tor
 @torch.no_grad()
 def cache_frozen_features(encoder: ItemEncoder, store: ItemFeatureStore | None, device: torch.device,
                           batch_size: int = 64, progress: bool = True,
-                          cache_dir: str | Path | None = None) -> list[str]:
-    """Attach the outputs of every fully frozen encoder of ``encoder`` to ``store``; returns what was cached.
+                          cache_dir: str | Path | None = None, prefixes: bool = True) -> list[str]:
+    """Attach the output of each encoder's frozen part to ``store``; returns the modalities cached.
 
-    ``cache_dir`` (``train.cache_dir``): read features from there where their fingerprint matches, store the
-    ones computed; None keeps them in memory only.
+    A fully frozen encoder (``trainable_layers: 0``) caches its final token states; one with trainable top
+    blocks caches its frozen prefix (``prefixes=False`` leaves those encoders uncached, running every block at
+    every step). ``cache_dir`` (``train.cache_dir``): read features from there where their fingerprint matches,
+    store the ones computed; None keeps them in memory only.
     """
     if store is None:
         return []
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     jobs = []
-    if encoder.text is not None and encoder.text.trainable_layers == 0 and store.tokens is not None \
+    text, vision = encoder.text, encoder.vision
+    if text is not None and (prefixes or text.trainable_layers == 0) and store.tokens is not None \
             and store.text_states is None:
-        jobs.append(_text_final_job(encoder, store, device))
-    if encoder.vision is not None and encoder.vision.trainable_layers == 0 and store.images is not None \
+        jobs.append(_text_job(encoder, store, device))
+    if vision is not None and (prefixes or vision.trainable_layers == 0) and store.images is not None \
             and store.image_states is None:
-        jobs.append(_vision_final_job(encoder, store, device))
+        jobs.append(_vision_job(encoder, store, device))
     done = []
     for job in jobs:
         started = time.perf_counter()

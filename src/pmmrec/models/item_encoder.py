@@ -69,14 +69,16 @@ class ItemEncoder(nn.Module):
         pool = self.pools_first
         out = ModalityTokens()
         if self.text is not None:
-            states = items.text_states.float() if items.text_states is not None else \
-                self.text(items.text_ids, items.text_mask)  # (N, T, H): cached when the encoder is frozen
             mask = items.text_mask
+            # (N, T, H). With a cached frozen-prefix output only the trainable top blocks run (none when frozen).
+            states = self.text.top(items.text_states.float(), mask) if items.text_states is not None else \
+                self.text(items.text_ids, mask)
             if pool:
                 states, mask = masked_mean(states, mask)[:, None], mask.new_ones(len(states), 1)
             out.text, out.text_mask = self.text_proj(states), mask  # (N, T, D), or (N, 1, D) pooled
         if self.vision is not None:
-            states = items.image_states.float() if items.image_states is not None else self.vision(items.images)
+            states = self.vision.top(items.image_states.float()) if items.image_states is not None else \
+                self.vision(items.images)  # (N, P, H)
             if pool:
                 states = states.mean(dim=1, keepdim=True)  # (N, 1, H)
             out.image = self.vision_proj(states)  # (N, P, D), or (N, 1, D) pooled

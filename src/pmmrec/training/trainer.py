@@ -145,7 +145,7 @@ class Trainer:
         cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else self.run.path / "cache"
         store = build_store(config, self.model, split, cache_dir)
         cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, prefixes=config.train.feature_cache)
         valid, test = eval_splits(split, config.data.max_seq_len)
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
         self.log_pop = log_popularity(split.train_counts).to(self.device)

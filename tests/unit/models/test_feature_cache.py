@@ -43,14 +43,116 @@ def test_cached_features_match_the_live_forward(tiny_domain, fusion):
     assert torch.allclose(live, cached, atol=2e-2, rtol=1e-2), (live - cached).abs().max()
 
 
-def test_encoders_with_trainable_blocks_are_not_cached(tiny_domain):
+def test_prefixes_off_leaves_encoders_with_trainable_blocks_uncached(tiny_domain):
     encoder, store = _setup(tiny_domain, "text.trainable_layers=0", "vision.trainable_layers=1")
-    assert cache_frozen_features(encoder, store, torch.device("cpu"), progress=False) == ["text"]
+    assert cache_frozen_features(encoder, store, torch.device("cpu"), progress=False, prefixes=False) == ["text"]
     inputs = store.lookup([1, 2])
     assert inputs.text_states is not None and inputs.images is not None and inputs.image_states is None
     out = encoder.train()(inputs)
     out.sum().backward()
     assert encoder.vision_proj.weight.grad is not None and encoder.text_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("fusion", ["merged_attention", "sum"])
+def test_frozen_prefix_cache_matches_the_full_forward_and_its_gradients(tiny_domain, fusion):
+    encoder, store = _setup(tiny_domain, "text.trainable_layers=1", "vision.trainable_layers=1",
+                            f"model.fusion={fusion}")
+    items = np.array([3, 1, 6, 0, 2, 5])
+    live_inputs = store.lookup(items)
+    encoder.train()
+    torch.manual_seed(1)  # the same dropout draws in the trainable blocks and the fusion on both paths
+    live = encoder(live_inputs)
+    live.square().sum().backward()
+    live_grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad(set_to_none=True)
+    assert cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False) == \
+        ["text", "vision"]
+    inputs = store.lookup(items)
+    assert inputs.text_ids is None and inputs.images is None and inputs.image_states.dtype == torch.float16
+    torch.manual_seed(1)
+    cached = encoder(inputs)
+    cached.square().sum().backward()
+    real = slice(0, 3)  # rows of real items with an image; all rows are compared loosely below
+    assert torch.allclose(live[real], cached[real], atol=2e-2, rtol=1e-2), (live - cached).abs().max()
+    assert torch.allclose(live, cached, atol=5e-2, rtol=1e-2)
+    cached_grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+    assert set(cached_grads) == set(live_grads)  # the same parameters train: the top blocks and everything after
+    assert any(n.startswith("text.") for n in cached_grads) and any(n.startswith("vision.") for n in cached_grads)
+    for name, grad in live_grads.items():
+        assert torch.allclose(grad, cached_grads[name], atol=5e-2, rtol=5e-2), name
+
+
+def test_training_curves_match_with_and_without_the_prefix_cache(tiny_domain, tmp_path):
+    from pmmrec.training.trainer import Trainer
+
+    losses = {}
+    for cache in (False, True):
+        config = load_config(TINY, ["text.trainable_layers=1", "vision.trainable_layers=1", f"data.domain={tiny_domain}",
+                                    "data.missing_image=blank", "data.min_seq_len=3", "train.batch_size=2",
+                                    f"run.dir={tmp_path / str(cache)}", f"train.feature_cache={str(cache).lower()}",
+                                    "train.device=cpu"])
+        trainer = Trainer(config)
+        assert (trainer.data.store.image_states is not None) == cache
+        trainer.model.train()
+        losses[cache] = []
+        for epoch in range(3):
+            trainer.epoch = epoch
+            for batch in trainer.batches(epoch, 0):
+                loss, _ = trainer.loss(batch)
+                loss.backward()
+                trainer._optimizer_step(config.train)
+                losses[cache].append(loss.item())
+    assert len(losses[True]) == 6
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_prefix_then_top_is_the_full_forward(k):
+    from pmmrec.config import TextConfig, VisionConfig
+    from pmmrec.models.encoders import build_text_encoder, build_vision_encoder
+
+    torch.manual_seed(0)
+    text = build_text_encoder(TextConfig(encoder="tiny", trainable_layers=k, tiny_layers=3)).eval()
+    ids = torch.randint(1, 1000, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    with torch.no_grad():
+        full, split = text(ids, mask), text.top(text.prefix(ids, mask), mask)
+    assert torch.allclose(full[mask.bool()], split[mask.bool()], atol=1e-5)
+    vision = build_vision_encoder(VisionConfig(encoder="tiny", trainable_layers=k, tiny_layers=3,
+                                               image_size=16)).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vision(images), vision.top(vision.prefix(images)), atol=1e-5)
+    # The blocks are restored: a plain forward after top() still runs every block.
+    with torch.no_grad():
+        assert torch.allclose(vision(images), full_again := vision(images)) and full_again.shape[1] == 5
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5])
+def test_efficientnet_prefix_and_channels_last(k):
+    from pmmrec.data.images import ImagePreprocessor
+    from pmmrec.models.encoders.efficientnet import EfficientNetLite
+    from pmmrec.models.encoders.image import VisionEncoder
+
+    torch.manual_seed(0)
+    net = EfficientNetLite(num_classes=None)
+    for module in net.modules():  # non-trivial BatchNorm statistics, so a misplaced stage would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    reference = {n: t.clone() for n, t in net.state_dict().items()}
+    encoder = VisionEncoder(net, ImagePreprocessor.efficientnet_lite(64), k).eval()
+    assert net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        nchw = EfficientNetLite(num_classes=None)
+        nchw.load_state_dict(reference)
+        expected = nchw.eval().forward_features(images).flatten(2).transpose(1, 2)  # plain NCHW reference
+        out = encoder(images)
+        split = encoder.top(encoder.prefix(images))
+    assert out.shape == (2, 4, 1280)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
+    assert torch.allclose(split, out, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [["model.fusion=sum"], ["model.fusion=gated"], ["model.modality=text"],

@@ -120,10 +120,27 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """(N, 3, S, S) normalised images -> (N, 1280, S / 32, S / 32) feature map (7x7 at 224)."""
-        x = F.relu6(self._bn0(self._conv_stem(images)))  # (N, 32, S / 2, S / 2)
-        for block in self._blocks:
-            x = block(x)  # (N, 320, S / 32, S / 32) after the last block
-        return F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, S / 32, S / 32)
+        return self.run_stages(images, 0, self.num_stages)
+
+    @property
+    def num_stages(self) -> int:
+        """Units of :meth:`run_stages`: the stem, each MBConv block, and the head (1x1 conv + BatchNorm)."""
+        return len(self._blocks) + 2
+
+    def run_stages(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Run units ``start <= i < stop`` of stem (0), blocks (1..16), head (17) on ``x``.
+
+        ``run_stages(run_stages(x, 0, m), m, num_stages)`` is the full forward: the frozen-prefix cache stores
+        the first part's output and training runs only the second.
+        """
+        for i in range(start, stop):
+            if i == 0:
+                x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, S / 2, S / 2)
+            elif i <= len(self._blocks):
+                x = self._blocks[i - 1](x)  # (N, 320, S / 32, S / 32) after the last block
+            else:
+                x = F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, S / 32, S / 32)
+        return x
 
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, num_classes) ImageNet logits."""

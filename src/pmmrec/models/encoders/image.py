@@ -17,6 +17,7 @@ eval mode (:mod:`pmmrec.models.encoders.freeze`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from pmmrec.config import VisionConfig
@@ -24,6 +25,7 @@ from pmmrec.data.images import ImagePreprocessor
 from pmmrec.errors import PmmrecError
 from pmmrec.models.encoders.efficientnet import HEAD_CHANNELS, EfficientNetLite, load_efficientnet_lite0
 from pmmrec.models.encoders.freeze import eval_frozen, find_blocks, freeze_all_but_top_k
+from pmmrec.models.encoders.prefix import run_prefix, run_top
 from pmmrec.models.encoders.text import load_hf_model, read_hf_config
 from pmmrec.pretrained import efficientnet_lite0_file, local_model_dir
 
@@ -48,6 +50,8 @@ class VisionEncoder(nn.Module):
         blocks = self.blocks()
         self.trainable_layers = min(trainable_layers, len(blocks))
         freeze_all_but_top_k(blocks, [backbone], trainable_layers)
+        if self._is_cnn:
+            backbone.to(memory_format=torch.channels_last)  # see _channels_last
         self.train()
 
     @property
@@ -71,9 +75,42 @@ class VisionEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, S, S) preprocessed images -> (N, P, H) token states."""
         if self._is_cnn:
-            features = self.backbone.forward_features(images)  # (N, 1280, S / 32, S / 32)
-            return features.flatten(2).transpose(1, 2)  # (N, P, 1280), P = (S / 32)^2 tokens in row-major order
+            features = self.backbone.forward_features(_channels_last(images))  # (N, 1280, S / 32, S / 32)
+            return _tokens(features)
         return self.backbone(pixel_values=images).last_hidden_state  # (N, P, H)
+
+    @property
+    def first_trainable(self) -> int:
+        """Index in :meth:`blocks` of the lowest trainable block (= their number when fully frozen)."""
+        return len(self.blocks()) - self.trainable_layers
+
+    def prefix(self, images: Tensor) -> Tensor:
+        """The frozen part's output: the input of the first trainable block ((N, C, h, w) feature map for the CNN,
+        (N, P, H) hidden states for a transformer), or the final (N, P, H) tokens when every block is frozen.
+        ``top(prefix(images)) == forward(images)``."""
+        if self.trainable_layers == 0:
+            return self(images)
+        if self._is_cnn:
+            return self.backbone.run_stages(_channels_last(images), 0, self._first_trainable_stage)
+        return run_prefix(self.blocks(), self.first_trainable, lambda: self.backbone(pixel_values=images))
+
+    def top(self, states: Tensor) -> Tensor:
+        """A cached :meth:`prefix` output -> (N, P, H) token states, running only the trainable blocks."""
+        if self.trainable_layers == 0:
+            return states
+        if self._is_cnn:
+            net = self.backbone
+            return _tokens(net.run_stages(_channels_last(states), self._first_trainable_stage, net.num_stages))
+        size = self._preprocessor.size
+        dummy = states.new_zeros(len(states), 3, size, size)  # the embeddings' output is replaced by `states`
+        return run_top(self.blocks(), self.first_trainable, states,
+                       lambda: self.backbone(pixel_values=dummy).last_hidden_state)
+
+    @property
+    def _first_trainable_stage(self) -> int:
+        # run_stages units: stem 0, MBConv block i -> i + 1, head 17. Block groups map one-to-one onto blocks,
+        # except the last group, which is the last block plus the head.
+        return self.first_trainable + 1
 
     def train(self, mode: bool = True) -> VisionEncoder:
         # Frozen blocks stay in eval mode: no dropout, and BatchNorm keeps its pretrained running statistics.
@@ -81,6 +118,16 @@ class VisionEncoder(nn.Module):
         if mode:
             eval_frozen(self)
         return self
+
+
+def _channels_last(images: Tensor) -> Tensor:
+    # NHWC: the convolutions of EfficientNet (depthwise and 1x1) run ~1.6x faster on CPU in this layout, and the
+    # results agree with NCHW to float32 rounding (tested).
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def _tokens(features: Tensor) -> Tensor:
+    return features.flatten(2).transpose(1, 2)  # (N, C, h, w) -> (N, h * w, C), tokens in row-major order
 
 
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:

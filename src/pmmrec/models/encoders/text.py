@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from pmmrec.config import TextConfig
 from pmmrec.errors import PmmrecError
 from pmmrec.models.encoders.freeze import eval_frozen, find_blocks, freeze_all_but_top_k
+from pmmrec.models.encoders.prefix import run_prefix, run_top
 from pmmrec.pretrained import local_model_dir, minilm_path
 
 MINILM_VOCAB_SIZE = 30522  # bert-base-uncased WordPiece, used by MiniLM and so by the tiny encoder
@@ -50,6 +52,26 @@ class TextEncoder(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(N, T) token ids and (N, T) {0, 1} attention mask -> (N, T, H) token states."""
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    @property
+    def first_trainable(self) -> int:
+        """Index of the lowest trainable block (= the number of blocks when the encoder is fully frozen)."""
+        return len(self.blocks()) - self.trainable_layers
+
+    def prefix(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The frozen part's output, (N, T, H): the states entering the first trainable block, or the final token
+        states when every block is frozen. ``top(prefix(ids, mask), mask) == forward(ids, mask)``."""
+        if self.trainable_layers == 0:
+            return self(ids, mask)
+        return run_prefix(self.blocks(), self.first_trainable, lambda: self.model(input_ids=ids, attention_mask=mask))
+
+    def top(self, states: Tensor, mask: Tensor) -> Tensor:
+        """(N, T, H) cached :meth:`prefix` output -> (N, T, H) token states, running only the trainable blocks."""
+        if self.trainable_layers == 0:
+            return states
+        dummy = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)  # embeddings' output is replaced
+        return run_top(self.blocks(), self.first_trainable, states,
+                       lambda: self.model(input_ids=dummy, attention_mask=mask).last_hidden_state)
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Frozen blocks stay in eval mode: no dropout noise in features that cannot adapt to it.
