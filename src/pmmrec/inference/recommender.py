@@ -215,23 +215,42 @@ class Recommender:
     def recommend_many(self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True,
                        unknown_items: UnknownItems | None = None) -> list[RecommendResult]:
         """:meth:`recommend` for several histories at once (one matrix product; unknown ids reported, not warned)."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise PmmrecError(f"k must be a positive integer, got {k!r}")
-        snap = self.catalogue.snapshot()  # one consistent catalogue for the whole call
-        parsed = [self._numbers(snap, h, unknown_items or self.unknown_items) for h in histories]
-        if not parsed:
-            return []
-        numbers = [p[0] for p in parsed]
-        users = self._user_vectors(snap, numbers)  # (U, D)
-        exclude = [torch.from_numpy(n) for n in numbers] if exclude_history else None
-        scores, items = topk_items(users, snap.vectors.to(self.device), min(k, snap.count), exclude)
-        results = []
-        for row, (nums, unknown) in enumerate(parsed):
-            keep = items[row] > 0  # fewer than k candidates left: the tail is padding
-            recs = [Recommendation(snap.item_id(i), s) for i, s in zip(items[row][keep].tolist(),
-                                                                      scores[row][keep].tolist(), strict=True)]
-            results.append(RecommendResult(recs, unknown, min(len(nums), self.max_seq_len)))
+        results = self.recommend_batch([(h, k, exclude_history, unknown_items) for h in histories])
+        for result in results:
+            if isinstance(result, PmmrecError):
+                raise result
         return results
+
+    def recommend_batch(self, requests: Sequence[tuple[Sequence[str], int, bool, UnknownItems | None]]) -> list[
+            RecommendResult | PmmrecError]:
+        """Independent requests ``(history, k, exclude_history, unknown_items)`` answered with one matrix product.
+
+        Each answer is a :class:`RecommendResult`, or the :class:`PmmrecError` that request alone caused (the
+        others are still answered). The service batches concurrent requests through this.
+        """
+        snap = self.catalogue.snapshot()  # one consistent catalogue for the whole batch
+        out: list[RecommendResult | PmmrecError | None] = [None] * len(requests)
+        parsed = []
+        for i, (history, k, exclude, unknown_items) in enumerate(requests):
+            try:
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise PmmrecError(f"k must be a positive integer, got {k!r}")
+                numbers, unknown = self._numbers(snap, history, unknown_items or self.unknown_items)
+                parsed.append((i, numbers, unknown, k, exclude))
+            except PmmrecError as e:
+                out[i] = e
+        if parsed:
+            users = self._user_vectors(snap, [p[1] for p in parsed])  # (U, D)
+            width = min(max(p[3] for p in parsed), snap.count)
+            exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
+            scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)  # (U, width)
+            scores, items = scores.cpu().tolist(), items.cpu().tolist()
+            for row, (i, numbers, unknown, k, _) in enumerate(parsed):
+                # Slots past the candidates left (fewer than k) hold item 0: padding, dropped.
+                recs = [Recommendation(snap.item_id(n), s) for n, s in zip(items[row][:k], scores[row][:k],
+                                                                           strict=True) if n > 0]
+                out[i] = RecommendResult(recs, unknown, min(len(numbers), self.max_seq_len))
+        return out
 
     @staticmethod
     def _warn(unknown: list[str]) -> None:

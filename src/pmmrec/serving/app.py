@@ -31,6 +31,7 @@ from pmmrec.errors import DataError, PmmrecError
 from pmmrec.inference import NewItem, Recommender
 from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.recommender import CannotAddItemsError
+from pmmrec.serving.batching import RecommendBatcher
 from pmmrec.serving.metrics import GuardMiddleware, Metrics
 from pmmrec.serving.schemas import (
     AddItemsResponse,
@@ -65,7 +66,10 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     app.state.recommender = recommender
     app.state.limits = limits
     app.state.metrics = metrics
+    batcher = RecommendBatcher(recommender)
+    app.state.batcher = batcher
     app.add_middleware(GuardMiddleware, metrics=metrics, max_body_bytes=limits.max_body_bytes)
+    app.router.add_event_handler("shutdown", batcher.close)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,9 +86,8 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS,
               summary="top-K next items for a history of raw item ids")
     async def recommend(body: RecommendRequest) -> RecommendResponse:
-        # The matrix products release the GIL: run them in the thread pool, off the event loop.
-        result = (await run_in_threadpool(recommender.recommend_many, [body.history], body.k,
-                                          body.exclude_history, body.unknown_items))[0]
+        # Concurrent requests are scored together, in a worker thread (see pmmrec.serving.batching).
+        result = await batcher.recommend(body.history, body.k, body.exclude_history, body.unknown_items)
         return RecommendResponse(items=[{"item_id": r.item_id, "score": r.score} for r in result.items],
                                  unknown=result.unknown, used=result.used)
 
