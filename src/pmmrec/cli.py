@@ -100,7 +100,7 @@ def cmd_data_import_atomic(args: argparse.Namespace) -> None:
 
 def cmd_data_export_atomic(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
-    from pmmrec.data.atomic import export_atomic
+    from pmmrec.data.atomic_export import export_atomic
 
     overrides = [f"data.{key}={value}" for key, value in (("max_seq_len", args.max_seq_len),
                                                           ("min_seq_len", args.min_seq_len)) if value is not None]

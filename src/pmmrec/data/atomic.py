@@ -13,7 +13,7 @@ or ``float_seq``. Two layouts are read:
   or evaluation example, ``user_id:token item_id_list:token_seq item_id:token`` (the history, then the target).
   Each user's sequence is rebuilt from its rows (and every row is checked to continue it).
 
-``export_atomic`` writes a domain's exact leave-one-out split (:func:`pmmrec.data.split.leave_one_out`) as
+``export_atomic`` (:mod:`pmmrec.data.atomic_export`) writes a domain's exact leave-one-out split (:func:`pmmrec.data.split.leave_one_out`) as
 benchmark files: one training row per position of the training part, one validation row and one test row per
 user, histories cut to ``max_seq_len`` exactly as pmmrec's user encoder sees them, plus ``<name>.item``, a
 RecBole config (``<name>.yaml``) and a split manifest (``<name>.split.json``, with a SHA-256 per file). Importing
@@ -23,7 +23,6 @@ trained and tested on precisely the same examples.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,13 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import yaml
-from PIL import Image
-
-from pmmrec import __version__
-from pmmrec.data.domain import IMAGES_DB, _read_lines, read_domain, write_domain_tables
-from pmmrec.data.split import leave_one_out
+from pmmrec.data.domain import IMAGES_DB, _read_lines, write_domain_tables
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.utils.io import atomic_dir
 
@@ -52,8 +45,7 @@ BENCHMARK_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
 IMAGE_FIELDS = ("image", "image_path", "image_file", "img", "poster")  # tried in order when not named
 REPORT_FILE = "import_report.json"
 IMAGE_FOLDER = "images"
-_SAFE_STEM = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # dataset names and exported image file stems
 
 
 def read_header(path: Path) -> list[tuple[str, str]]:
@@ -143,6 +135,8 @@ def import_atomic(source: str | os.PathLike, out: str | os.PathLike, *, name: st
     """
     start = time.perf_counter()
     source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise PmmrecError(f"--out {out} contains the input folder {source}; choose another output folder")
     name, layout = find_atomic_files(source, name)
     item_file = source / f"{name}.item"
     if not item_file.is_file():
@@ -314,156 +308,12 @@ def _build_images(image_dir: Path, item_ids: list[str], image_paths: list[str | 
         log.warning("bad image %s: %s", path, reason)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Export
-
-
-@dataclass
-class AtomicExportReport:
-    out: str
-    name: str
-    users: int
-    items: int
-    rows: dict[str, int]
-    dropped_users: int
-    images: int | None
-
-    def summary(self) -> str:
-        images = "" if self.images is None else f", {self.images:,} images"
-        return (f"exported {self.users:,} users and {self.items:,} items ({self.dropped_users:,} users too short "
-                f"dropped) as RecBole benchmark files {self.name}.{{train,valid,test}}.inter in {self.out}: "
-                f"{self.rows['train']:,} / {self.rows['valid']:,} / {self.rows['test']:,} rows{images}")
-
-
-def export_atomic(domain_dir: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
-                  max_seq_len: int = 20, min_seq_len: int = 3, images: bool = False,
-                  overwrite: bool = False) -> AtomicExportReport:
-    """Write the leave-one-out split of the domain at ``domain_dir`` as RecBole benchmark files in ``out``.
-
-    The split is pmmrec's, with these ``max_seq_len`` / ``min_seq_len`` (use the run's ``data.*`` values).
-    ``images``: also copy each item's image file into ``out/images/`` and name it in the ``.item`` file.
-    """
-    out = Path(out)
-    name = name or out.name
-    if not _SAFE_STEM.fullmatch(name):
-        raise PmmrecError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-' (RecBole's file names)")
-    if out.resolve() == Path(domain_dir).resolve() or out.resolve() in Path(domain_dir).resolve().parents:
-        raise PmmrecError(f"--out {out} contains the domain {domain_dir}; choose another output folder")
-    domain = read_domain(domain_dir, empty_title="blank")
-    split = leave_one_out(domain, max_seq_len, min_seq_len)
-    bad = next((u for u in split.user_ids if u.split() != [u]), None)
-    if bad is not None:
-        raise DataError(f"user id {bad!r} contains whitespace, which a RecBole token cannot hold",
-                        domain.path, field="user_id")
-    ids = np.asarray(["", *split.item_ids], dtype=object)  # item number k -> raw id (0: padding)
-    rows = {"train": 0, "valid": 0, "test": 0}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        with contextlib.ExitStack() as stack:
-            handles = {s: stack.enter_context(open(tmp / f"{name}.{s}.inter", "w", encoding="utf-8"))
-                       for s in SPLITS}
-            for h in handles.values():
-                h.write("\t".join(BENCHMARK_HEADER) + "\n")
-            for user, tr, va, te in zip(split.user_ids, split.train, split.valid, split.test, strict=True):
-                for j in range(1, len(tr)):  # position j predicts tr[j] from (at most L) items before it
-                    handles["train"].write(f"{user}\t{' '.join(ids[tr[max(0, j - max_seq_len):j]])}\t{ids[tr[j]]}\n")
-                    rows["train"] += 1
-                for which, seq in (("valid", va), ("test", te)):
-                    handles[which].write(f"{user}\t{' '.join(ids[seq[:-1]])}\t{ids[seq[-1]]}\n")
-                    rows[which] += 1
-        stored = _export_items(tmp, name, split, images)
-        manifest = _manifest(tmp, name, domain_dir, split, max_seq_len, min_seq_len, rows)
-        (tmp / f"{name}.split.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        (tmp / f"{name}.yaml").write_text(_recbole_config(max_seq_len, images), encoding="utf-8")
-    report = AtomicExportReport(str(out), name, split.num_users, split.num_items, rows, split.num_dropped_users,
-                                stored)
-    log.info("%s", report.summary())
-    return report
-
-
-def _export_items(folder: Path, name: str, split, images: bool) -> int | None:
-    """``<name>.item`` (and with ``images``, the image files); returns how many images were written."""
-    from pmmrec.data.image_db import ImageDB
-
-    paths: list[str] = [""] * split.num_items
-    stored = None
-    if images:
-        stored = 0
-        (folder / IMAGE_FOLDER).mkdir()
-        dbs: dict[Path, ImageDB] = {}
-        try:
-            for k, (db_path, key) in enumerate(split.image_sources):
-                if db_path is None:
-                    continue
-                db = dbs.setdefault(db_path, ImageDB(db_path))
-                data = db.get(key)
-                if data is None:
-                    continue
-                iid = split.item_ids[k]
-                stem = iid if _SAFE_STEM.fullmatch(iid) else f"item{k + 1}"
-                paths[k] = f"{IMAGE_FOLDER}/{stem}.{_extension(data)}"
-                (folder / paths[k]).write_bytes(data)
-                stored += 1
-        finally:
-            for db in dbs.values():
-                db.close()
-    with open(folder / f"{name}.item", "w", encoding="utf-8") as f:
-        f.write("item_id:token\ttitle:token_seq" + ("\timage:token\n" if images else "\n"))
-        for k, (iid, title) in enumerate(zip(split.item_ids, split.titles, strict=True)):
-            f.write(f"{iid}\t{' '.join(title.split())}" + (f"\t{paths[k]}\n" if images else "\n"))
-    return stored
-
-
-def _extension(data: bytes) -> str:
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return _EXTENSIONS.get(image.format or "", "img")
-    except Exception:  # Pillow raises many types; an undecodable image keeps its bytes under a neutral name
-        return "img"
-
-
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _manifest(folder: Path, name: str, domain_dir, split, max_seq_len: int, min_seq_len: int,
-              rows: dict[str, int]) -> dict:
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    return {
-        "format": "pmmrec-atomic-split", "version": 1, "pmmrec_version": __version__,
-        "source_domain": str(domain_dir), "name": name,
-        "split": {"method": "leave-one-out (pmmrec.data.split.leave_one_out)", "max_seq_len": max_seq_len,
-                  "min_seq_len": min_seq_len, "kept_per_user": max_seq_len + 3},
-        "users": split.num_users, "items": split.num_items, "dropped_users": split.num_dropped_users,
-        "rows": rows,
-        "targets": {"train": "every item of seq[:-2] after the first", "valid": "seq[-2]", "test": "seq[-1]"},
-        "protocols": {"include_history": "what RecBole's full-sort evaluation of sequential models computes",
-                      "exclude_history": "pmmrec's paper protocol: items earlier in the user's kept window are "
-                                         "removed from the ranking"},
-        "files": {p.name: _sha256(p) for p in files},
-    }
-
-
-def _recbole_config(max_seq_len: int, images: bool) -> str:
-    config = {
-        "benchmark_filename": list(SPLITS),
-        "alias_of_item_id": ["item_id_list"],
-        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
-        "MAX_ITEM_LIST_LENGTH": max_seq_len,
-        "eval_args": {"order": "TO", "mode": "full"},
-        "train_neg_sample_args": None,
-        "topk": [5, 10, 20],
-        "metrics": ["Hit", "NDCG", "MRR"],
-        "valid_metric": "NDCG@10",
-    }
-    note = ("# RecBole config for these benchmark files (the split pmmrec trains on; see the .split.json).\n"
-            "# Item titles are in the .item file; add `item: [item_id, title]` to load_col for text-based models.\n")
-    return note + yaml.safe_dump(config, sort_keys=False)
 
 
 def changed_files(folder: Path, name: str) -> list[str] | None:
@@ -476,6 +326,6 @@ def changed_files(folder: Path, name: str) -> list[str] | None:
         digests = dict(manifest["files"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"unreadable split manifest ({e})", path) from None
-    return [f for f, digest in digests.items() if not (folder / f).is_file() or _sha256(folder / f) != digest]
+    return [f for f, digest in digests.items() if not (folder / f).is_file() or sha256_file(folder / f) != digest]
 
 

@@ -322,6 +322,6 @@ def _convert_images(db_path: Path, item_ids: list[str], dest: Path, report: Refe
             write_image_db(dest, images())
     finally:
         env.close()
-    report.unused_entries = report.image_entries - report.images_stored - report.num_bad_images
+    report.unused_entries = max(0, report.image_entries - report.images_stored - report.num_bad_images)
     for bad in report.bad_images[:5]:
         log.warning("unreadable image for item %s (key %s): %s", bad["item"], bad["key"], bad["reason"])

@@ -11,7 +11,8 @@ import yaml
 from tests.conftest import png_bytes
 
 from pmmrec.cli import main
-from pmmrec.data.atomic import export_atomic, import_atomic, read_header
+from pmmrec.data.atomic import import_atomic, read_header
+from pmmrec.data.atomic_export import export_atomic
 from pmmrec.data.datasets import EvalSequences
 from pmmrec.data.domain import read_domain, write_domain_tables
 from pmmrec.data.image_db import ImageDB, write_image_db
@@ -209,3 +210,12 @@ def test_cli_round_trip(shop, tmp_path, capsys):
     assert main(["data", "import-atomic", str(tmp_path / "rb"), "--out", str(tmp_path / "back")]) == 0
     assert "imported RecBole benchmark files" in capsys.readouterr().out
     assert _split(tmp_path / "back").item_ids == _split(shop).item_ids
+
+
+def test_refuses_to_write_over_its_input(shop, tmp_path):
+    export_atomic(shop, tmp_path / "rb", max_seq_len=L)
+    with pytest.raises(PmmrecError, match="contains the input folder"):
+        import_atomic(tmp_path / "rb", tmp_path / "rb", overwrite=True, progress=False)
+    with pytest.raises(PmmrecError, match="contains the domain"):
+        export_atomic(shop, tmp_path, overwrite=True)
+    assert (tmp_path / "rb" / "rb.test.inter").is_file() and (shop / "users.tsv").is_file()
