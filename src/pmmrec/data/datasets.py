@@ -57,14 +57,25 @@ class SequenceBatch:
 
 
 class WindowCollator:
-    """Stacks windows and looks up the features of the batch's unique items (picklable for workers)."""
+    """Stacks windows and looks up the features of the batch's unique items (picklable for workers).
 
-    def __init__(self, store: ItemFeatureStore | None):
-        self.store = store
+    ``naive`` (the reference code's behaviour, kept for ``pmmrec bench train``): every slot's item is looked up
+    and encoded, repeats included. ``unique`` then holds every slot (sorted, with repeats), so the gathers and
+    look-ups downstream are the same code and give the same values.
+    """
+
+    def __init__(self, store: ItemFeatureStore | None, naive: bool = False):
+        self.store, self.naive = store, naive
 
     def __call__(self, windows: list[np.ndarray]) -> SequenceBatch:
         items = torch.from_numpy(np.stack(windows))  # (B, L+1)
-        unique, inverse = torch.unique(items, return_inverse=True)
+        if self.naive:
+            unique, order = items.reshape(-1).sort(stable=True)  # (B * (L+1),) every occurrence
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order))
+            inverse = inverse.view_as(items)
+        else:
+            unique, inverse = torch.unique(items, return_inverse=True)
         inputs = self.store.lookup(unique) if self.store is not None else ItemInputs(items=unique)
         return SequenceBatch(items, unique, inverse, inputs)
 

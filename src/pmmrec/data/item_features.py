@@ -95,9 +95,12 @@ class TokenTable:
             out[row] = np.frombuffer(digest, dtype=np.uint8)
         return out
 
-    def lookup(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) item numbers -> token ids and mask (N, T), T = the longest of these titles (at least 1)."""
-        width = max(int(self.lengths[items].max(initial=0)), 1)
+    def lookup(self, items: np.ndarray, full_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) item numbers -> token ids and mask (N, T), T = the longest of these titles (at least 1).
+
+        ``full_width`` pads to ``max_tokens`` instead, as the reference code does (the naive benchmark path).
+        """
+        width = self.ids.shape[1] if full_width else max(int(self.lengths[items].max(initial=0)), 1)
         ids = torch.from_numpy(self.ids[items, :width].astype(np.int64))
         mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[items].astype(np.int64))[:, None])
         return ids, mask.long()
@@ -122,11 +125,18 @@ class ImageTable:
             db = self._dbs[path] = ImageDB(path)
         return db
 
-    def _load(self, item: int) -> tuple[np.ndarray, bool]:
+    def _load(self, item: int, reopen: bool = False) -> tuple[np.ndarray, bool]:
         if item == 0:
             return self._blank, False
         path, key = self.refs[item - 1]
-        data = self._db(path).get(key) if path is not None else None
+        if path is not None and reopen:  # the reference code's behaviour: open the database for every sample
+            db = ImageDB(path)
+            try:
+                data = db.get(key)
+            finally:
+                db.close()
+        else:
+            data = self._db(path).get(key) if path is not None else None
         if data is None:
             if self.missing_image == "error":
                 raise DataError(f"item {key!r} has no image (set data.missing_image: blank to allow)",
@@ -160,19 +170,23 @@ class ImageTable:
             present[item] = True
         return digests, present
 
-    def lookup(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) item numbers -> images (N, 3, S, S) float32 and has_image (N,) bool."""
+    def lookup(self, items: np.ndarray, naive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) item numbers -> images (N, 3, S, S) float32 and has_image (N,) bool.
+
+        ``naive`` reproduces the reference code's data path for the benchmark: no preprocessed-image cache, and
+        the database opened anew for every image (the values are the same).
+        """
         pixels, present = [], []
         for item in items.tolist():
-            cached = self._cache.get(item)
+            cached = self._cache.get(item) if not naive else None
             if cached is None:
-                image, ok = self._load(item)
+                image, ok = self._load(item, reopen=naive)
                 if ok:
                     # Pixels are kept as float16 (half the memory) and served from that rounding *every* time,
                     # first load included: results must not depend on what happens to be cached (exact resume).
                     stored = image.astype(np.float16)
                     image = stored.astype(np.float32)
-                    if self.cache_items > 0:
+                    if self.cache_items > 0 and not naive:
                         self._cache[item] = stored
                         if len(self._cache) > self.cache_items:
                             self._cache.popitem(last=False)
@@ -196,6 +210,9 @@ class ItemFeatureStore:
         if tokens is None and images is None:
             raise PmmrecError("an item feature store needs text, images, or both")
         self.tokens, self.images, self.num_items = tokens, images, num_items
+        # The reference code's data path, kept as a mode of this one for `pmmrec bench train`: titles padded to
+        # max_tokens, images decoded for every occurrence with the database reopened per image.
+        self.naive = False
         # Frozen-encoder outputs per item (see pmmrec.models.feature_cache); None = run the encoder.
         self.text_states: torch.Tensor | None = None  # (N+1, T_max, H) float16
         self.image_states: torch.Tensor | None = None  # (N+1, P, H) float16
@@ -230,9 +247,9 @@ class ItemFeatureStore:
             out.text_mask = self.tokens.lookup(items_np)[1]
             out.text_states = self.text_states[index, :width]
         elif self.tokens is not None:
-            out.text_ids, out.text_mask = self.tokens.lookup(items_np)
+            out.text_ids, out.text_mask = self.tokens.lookup(items_np, full_width=self.naive)
         if self.image_states is not None:
             out.image_states, out.has_image = self.image_states[index], self.has_image[index]
         elif self.images is not None:
-            out.images, out.has_image = self.images.lookup(items_np)
+            out.images, out.has_image = self.images.lookup(items_np, naive=self.naive)
         return out

@@ -78,14 +78,25 @@ def _check_inputs(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor | None, 
             raise ValueError(f"targets must be item numbers in 1..{item_vecs.shape[0] - 1}")
 
 
-def _chunk_membership(hist: Tensor, start: int, stop: int) -> Tensor:
-    """``(Uc, stop - start)`` bool: item ``start + i`` is in user ``u``'s history. Costs ``O(Uc * H)``."""
-    users = hist.shape[0]
-    member = torch.zeros(users, stop - start, dtype=torch.bool, device=hist.device)
-    inside = (hist >= start) & (hist < stop)  # (Uc, H); padding 0 is never inside since start >= 1
-    rows = torch.arange(users, device=hist.device).unsqueeze(1).expand_as(hist)  # (Uc, H)
-    member[rows[inside], hist[inside] - start] = True
-    return member
+def _first_occurrences(hist: Tensor) -> Tensor:
+    """``(U, H)`` bool: True at the first occurrence of each non-padding item of a row (repeats count once)."""
+    if hist.shape[1] == 0:
+        return hist.new_zeros(hist.shape, dtype=torch.bool)
+    ordered, order = hist.sort(dim=1, stable=True)  # (U, H)
+    first_sorted = torch.ones_like(ordered, dtype=torch.bool)
+    first_sorted[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = torch.empty_like(first_sorted)
+    first.scatter_(1, order, first_sorted)
+    return first & (hist != 0)
+
+
+def _in_chunk(hist: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Which history entries fall in items ``[start, stop)`` (``(Uc, H)`` bool) and their column in the chunk.
+
+    Work is ``O(Uc * H)``: the history is looked up in the chunk's scores, never expanded to a chunk-wide mask.
+    """
+    inside = (hist >= start) & (hist < stop)  # padding 0 is never inside since start >= 1
+    return inside, (hist - start).clamp_(0, stop - start - 1)
 
 
 def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, histories: Histories | None = None, *,
@@ -129,6 +140,7 @@ def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, historie
             raise ValueError(f"histories must hold item numbers in 0..{num_rows - 1} (0 = padding)")
 
     counts = {p: torch.zeros(num_users, dtype=torch.long, device=device) for p in protocols}
+    first = _first_occurrences(hist) if excluding else None
     nan_target = torch.zeros(num_users, dtype=torch.bool, device=device)
     for u0 in range(0, num_users, user_chunk):
         u1 = min(u0 + user_chunk, num_users)
@@ -145,11 +157,14 @@ def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, historie
             beats = scores >= tgt_score if ties == "pessimistic" else scores > tgt_score  # (Uc, Ic)
             own = (tgt >= i0) & (tgt < i1)  # (Uc,) the target lies in this chunk: it does not compete
             beats[rows[own], tgt[own] - i0] = False
+            above = beats.sum(1)  # (Uc,) competitors above the target, history included
             if INCLUDE_HISTORY in counts:
-                counts[INCLUDE_HISTORY][u0:u1] += beats.sum(1)
+                counts[INCLUDE_HISTORY][u0:u1] += above
             if excluding:
-                beats &= ~_chunk_membership(hist[u0:u1], i0, i1)
-                counts[EXCLUDE_HISTORY][u0:u1] += beats.sum(1)
+                # Minus the distinct history items of this chunk that are among them (the target never is).
+                inside, cols = _in_chunk(hist[u0:u1], i0, i1)  # (Uc, H)
+                own_history = (beats.gather(1, cols) & inside & first[u0:u1]).sum(1)
+                counts[EXCLUDE_HISTORY][u0:u1] += above - own_history
 
     for ranks in counts.values():
         ranks[nan_target] = -1
@@ -213,7 +228,9 @@ def topk_items(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude: Histories 
             i1 = min(i0 + item_chunk, num_rows)
             scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
             if excl is not None:
-                scores = scores.masked_fill(_chunk_membership(excl[u0:u1], i0, i1), float("-inf"))
+                inside, cols = _in_chunk(excl[u0:u1], i0, i1)  # (Uc, H)
+                rows = torch.arange(u1 - u0, device=device).unsqueeze(1).expand_as(cols)  # (Uc, H)
+                scores[rows[inside], cols[inside]] = float("-inf")
             chunk_scores, chunk_idx = scores.topk(min(k, i1 - i0), dim=1)  # (Uc, <=k)
             merged_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (Uc, <=2k)
             merged_items = torch.cat([best_items, chunk_idx + i0], dim=1)

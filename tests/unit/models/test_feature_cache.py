@@ -256,3 +256,20 @@ def test_changed_weights_or_items_miss_the_cache(tiny_domain, tmp_path):
                                                               preprocessor=encoder3.vision.preprocessor(),
                                                               missing_image="blank").lookup(np.array([2]))),
                               atol=2e-2, rtol=1e-2)
+
+
+def test_naive_data_path_gives_the_same_values(tiny_domain):
+    """The benchmark's reference-code mode (every occurrence, full-width titles, DB reopened) changes no value."""
+    from pmmrec.data.datasets import WindowCollator
+
+    encoder, store = _setup(tiny_domain)
+    windows = [np.array([0, 1, 2, 1]), np.array([3, 5, 5, 6])]
+    fast = WindowCollator(store)(windows)
+    store.naive = True
+    slow = WindowCollator(store, naive=True)(windows)
+    assert len(fast.unique) == 6 and len(slow.unique) == 8 and torch.equal(slow.unique[slow.inverse], slow.items)
+    assert slow.inputs.text_ids.shape[1] == 16 > fast.inputs.text_ids.shape[1]  # padded to max_tokens
+    with torch.no_grad():
+        a = encoder(fast.inputs)[fast.inverse]
+        b = encoder(slow.inputs)[slow.inverse]
+    assert torch.allclose(a, b, atol=1e-5)
