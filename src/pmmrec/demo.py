@@ -1,18 +1,22 @@
 """``pmmrec demo`` (what ``make demo`` runs): the built-in world, end to end, on one CPU machine.
 
-It synthesises the multi-domain world (DESIGN section 10), reads every domain back through the validating
-reader, trains on the target domain from scratch (multimodal PMMRec with the default pretrained encoders kept
-frozen and their features cached, and the ID-based SASRec baseline), evaluates everything with full ranking
-beside a most-popular baseline, and writes ``report.md``, ``report.json`` and ``report.png`` into the demo folder.
-Pretraining and transfer join the table when they land.
+DESIGN section 10. It synthesises the multi-domain world, pretrains PMMRec on the three source domains (all four
+objectives, plus the two ablations rec-only and rec+NICL), then on the target domain, whose items were never
+seen: transfers the pretrained model by part (full, item encoder, user encoder) and by modality (multimodal, text,
+vision), trains from scratch (multimodal PMMRec and the ID-based SASRec) and adds a most-popular baseline.
+Everything is evaluated with full ranking and written as ``report.md`` / ``report.json`` / ``report.png``
+(one table with the gain against PMMRec trained from scratch).
+
+The CPU recipe keeps the default pretrained encoders frozen, so their outputs are computed once per item and
+shared by every run through ``train.cache_dir`` (DESIGN section 9).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pmmrec.config import Config, load_config
@@ -20,8 +24,11 @@ from pmmrec.data.domain import read_domain
 from pmmrec.data.stats import domain_stats, format_stats
 from pmmrec.data.synth import SynthConfig, read_world, synthesize_world
 from pmmrec.evaluation.baselines import most_popular
+from pmmrec.report import add_gains, format_table, make_row, write_report
+from pmmrec.training.checkpoint import load_checkpoint
+from pmmrec.training.sources import load_sources
 from pmmrec.training.trainer import Trainer, eval_splits, load_split
-from pmmrec.utils.io import atomic_file, atomic_write_text
+from pmmrec.training.transfer import transfer_config
 
 log = logging.getLogger(__name__)
 
@@ -35,115 +42,152 @@ CPU_RECIPE = [
     "train.deterministic=true",
 ]
 QUICK = ["train.epochs=8", "train.patience=8"]
-METRICS = ("HR@10", "NDCG@10")
-VARIANTS = [  # (name, overrides on top of the recipe)
-    ("PMMRec multimodal, scratch", []),
-    ("SASRec (item IDs), scratch", ["model.item_tower=id"]),
+# Pretraining on the sources (thousands of users): larger batches (more in-batch negatives, and fewer distinct
+# items per user to encode), a fixed budget of epochs.
+PRETRAIN = ["train.batch_size=64", "train.epochs=2", "train.patience=2", "train.warmup_steps=40"]
+PRETRAIN_QUICK = ["train.epochs=4", "train.patience=4"]
+PRETRAININGS = {  # name -> objectives; "all" is the PMMRec model, the others are the ablation
+    "all": ("rec", "nicl", "nid", "rcl"),
+    "rec": ("rec",),
+    "rec+nicl": ("rec", "nicl"),
+}
+MAIN, ABLATION = "target domain", "ablation: pretraining objectives (full multimodal transfer)"
+SCRATCH = "PMMRec multimodal, scratch"  # the reference of the gain column
+FULL_TRANSFER = "transfer-full"  # the run folder of the full multimodal transfer (also the ablation's "all four")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    folder: str  # under <out>/runs/
+    overrides: tuple[str, ...] = ()
+    pretrained: str | None = None  # a PRETRAININGS key: transfer from that pretraining's best checkpoint
+    group: str = MAIN
+
+
+VARIANTS = [
+    Variant(SCRATCH, "scratch"),
+    Variant("SASRec (item IDs), scratch", "scratch-ids", ("model.item_tower=id",)),
+    Variant("transfer full, multimodal", FULL_TRANSFER, ("transfer.parts=full",), "all"),
+    Variant("transfer item encoder, multimodal", "transfer-item", ("transfer.parts=item_encoder",), "all"),
+    Variant("transfer user encoder, multimodal", "transfer-user", ("transfer.parts=user_encoder",), "all"),
+    Variant("transfer full, text only", "transfer-text", ("transfer.parts=full", "model.modality=text"), "all"),
+    Variant("transfer full, vision only", "transfer-vision", ("transfer.parts=full", "model.modality=vision"),
+            "all"),
+    Variant("pretrained with rec", "ablation-rec", ("transfer.parts=full",), "rec", ABLATION),
+    Variant("pretrained with rec + NICL", "ablation-rec-nicl", ("transfer.parts=full",), "rec+nicl", ABLATION),
 ]
 
 
-def demo_config(world: Path, run_dir: Path, quick: bool = False, seed: int = 0,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The CPU recipe pointed at the built-in world (sources for pretraining, ``target`` for training),
-    plus a variant's ``overrides``."""
+def world_domains(world: Path) -> tuple[list[str], str]:
+    """The source domain folders and the target domain folder of a synthesised world."""
     domains = read_world(world)["domains"]
     sources = [(world / d["folder"]).as_posix() for d in domains if d["role"] == "source"]
     target = next((world / d["folder"]).as_posix() for d in domains if d["role"] == "target")
-    return load_config(None, [*CPU_RECIPE, *(QUICK if quick else []), f"data.sources=[{', '.join(sources)}]",
-                              f"data.domain={target}", f"run.dir={run_dir.as_posix()}", f"seed={seed}",
-                              *overrides])
+    return sources, target
 
 
-def _row(name: str, results: dict, seconds: float | None) -> dict:
-    row = {"name": name, "seconds": None if seconds is None else round(seconds, 1)}
-    for protocol in ("exclude_history", "include_history"):
-        for metric in METRICS:
-            row[f"{metric}/{protocol}"] = results["test"][protocol][metric]
-    row["HR@10"], row["NDCG@10"] = row["HR@10/exclude_history"], row["NDCG@10/exclude_history"]
-    return row
+def _common(world: Path, run_dir: Path, quick: bool, seed: int, cache_dir: Path | None) -> list[str]:
+    sources, target = world_domains(world)
+    return [*CPU_RECIPE, *(QUICK if quick else []), f"data.sources=[{', '.join(sources)}]",
+            f"data.domain={target}", f"run.dir={run_dir.as_posix()}", f"seed={seed}",
+            *([f"train.cache_dir={cache_dir.as_posix()}"] if cache_dir is not None else [])]
 
 
-def _table(rows: list[dict]) -> str:
-    head = ("| variant | HR@10 | NDCG@10 | HR@10 (incl. history) | NDCG@10 (incl. history) | gain vs scratch | "
-            "time |\n|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        gain = "" if r["gain_vs_scratch"] is None else f"{r['gain_vs_scratch']:+.0%}"
-        took = "" if r["seconds"] is None else f"{r['seconds']:.0f}s"
-        lines.append(f"| {r['name']} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['HR@10/include_history']:.4f} | "
-                     f"{r['NDCG@10/include_history']:.4f} | {gain} | {took} |")
-    return "\n".join(lines)
+def demo_config(world: Path, run_dir: Path, quick: bool = False, seed: int = 0,
+                overrides: list[str] | tuple[str, ...] = (), cache_dir: Path | None = None) -> Config:
+    """The CPU recipe pointed at the built-in world (sources for pretraining, ``target`` for training),
+    plus a variant's ``overrides``."""
+    return load_config(None, [*_common(world, run_dir, quick, seed, cache_dir), *overrides])
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.38
-    xs = range(len(rows))
-    for k, metric in enumerate(METRICS):
-        ax.bar([x + (k - 0.5) * width for x in xs], [r[metric] for r in rows], width, label=metric)
-    ax.set_xticks(list(xs), [r["name"] for r in rows], fontsize=8)
-    ax.set_ylabel("test, exclude_history")
-    ax.set_title("pmmrec demo: target domain, full ranking")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+def pretrain_config(world: Path, run_dir: Path, objectives: tuple[str, ...], quick: bool = False, seed: int = 0,
+                    cache_dir: Path | None = None) -> Config:
+    """The demo's pretraining on the world's source domains with ``objectives``."""
+    return demo_config(world, run_dir, quick, seed, [*PRETRAIN, *(PRETRAIN_QUICK if quick else []),
+                                                     f"objectives.use=[{', '.join(objectives)}]"], cache_dir)
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = True) -> list[dict]:
+def transfer_demo_config(world: Path, run_dir: Path, checkpoint: Path, quick: bool = False, seed: int = 0,
+                         overrides: list[str] | tuple[str, ...] = (), cache_dir: Path | None = None) -> Config:
+    """A target run initialised from ``checkpoint`` (architecture from the checkpoint, then the recipe)."""
+    return transfer_config(load_checkpoint(checkpoint), None,
+                           [*_common(world, run_dir, quick, seed, cache_dir),
+                            f"transfer.checkpoint={checkpoint.as_posix()}", *overrides], str(checkpoint))
+
+
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = True,
+             ablation: bool = True) -> list[dict]:
+    """Run everything and write the report into ``out``; returns the table's rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = out / "world"
+    world, runs, cache = out / "world", out / "runs", out / "cache"
     started = time.perf_counter()
     summary = synthesize_world(world, SynthConfig(seed=seed, quick=quick), overwrite=overwrite)
     print(summary.format())
-
     sections = []
     for entry in read_world(world)["domains"]:
         stats = domain_stats(read_domain(world / entry["folder"], missing_image="error"))
-        sections.append((entry["name"], stats))
-    print(f"\n== target ==\n{format_stats(sections[-1][1])}\n")
-
-    runs = out / "runs"
+        sections += [f"## {entry['name']}", "", "```", format_stats(stats), "```", ""]
     if runs.exists() and overwrite:
         shutil.rmtree(runs)  # the demo always starts its runs afresh
-    rows = []
-    base = demo_config(world, runs, quick, seed)
+
+    # Pretraining on the sources: the PMMRec model (all four objectives) and the ablations.
+    variants = [v for v in VARIANTS if ablation or v.group != ABLATION]
+    wanted = [name for name in PRETRAININGS if any(v.pretrained == name for v in variants)]
+    checkpoints, pretrain_rows = {}, []
+    source_split = None
+    for name in wanted:
+        config = pretrain_config(world, runs / f"pretrain-{name.replace('+', '-')}", PRETRAININGS[name], quick,
+                                 seed, cache)
+        if source_split is None:
+            source_split = load_sources(config, True)  # read once, shared by every pretraining
+        print(f"pretraining on the sources with {' + '.join(PRETRAININGS[name])} ...", flush=True)
+        t0 = time.perf_counter()
+        results = Trainer(config, split=source_split[0], views=source_split[1]).fit()
+        took = time.perf_counter() - t0
+        checkpoints[name] = Path(config.run.dir) / "checkpoints" / "best.pt"
+        pretrain_rows.append((name, results, took))
+
+    # The target domain: baselines, scratch and transfers.
+    base = demo_config(world, runs / "unused", quick, seed)
     split = load_split(base)  # read once, shared by every variant
     _, test = eval_splits(split, base.data.max_seq_len)
-    popular = {"test": most_popular(split.train_counts, test, base.eval.ks)}
-    rows.append(_row("Most popular", popular, None))
-    for name, overrides in VARIANTS:
-        run_dir = out / "runs" / name.split(",")[0].split()[0].lower()
-        config = demo_config(world, run_dir, quick, seed, overrides)
-        print(f"training {name} ...", flush=True)
+    rows = [make_row("most popular", {"test": most_popular(split.train_counts, test, base.eval.ks)}, group=MAIN)]
+    for variant in variants:
+        run_dir = runs / variant.folder
+        if variant.pretrained is None:
+            config = demo_config(world, run_dir, quick, seed, variant.overrides, cache)
+        else:
+            config = transfer_demo_config(world, run_dir, checkpoints[variant.pretrained], quick, seed,
+                                          variant.overrides, cache)
+        print(f"training {variant.name} ...", flush=True)
         t0 = time.perf_counter()
-        results = Trainer(config, split=split).fit()
-        rows.append(_row(name, results, time.perf_counter() - t0))
-    scratch = rows[1]
-    for row in rows:
-        row["gain_vs_scratch"] = (row["NDCG@10"] - scratch["NDCG@10"]) / scratch["NDCG@10"] \
-            if scratch["NDCG@10"] > 0 else None
-    table = _table(rows)
-    total = time.perf_counter() - started
-    print(f"\n{table}\n\n(test split; HR/NDCG@10 under exclude_history unless marked; "
-          f"{total:.0f}s in all)")
+        init = None if variant.pretrained is None else str(checkpoints[variant.pretrained])
+        results = Trainer(config, split=split, init=init).fit()
+        rows.append(make_row(variant.name, results, time.perf_counter() - t0, variant.group, run_dir))
+    if ablation:  # the ablation's last line is the full multimodal transfer above, repeated
+        full = next(r for r in rows if r["run"] == str(runs / FULL_TRANSFER))
+        rows.append(dict(full, name="pretrained with all four (PMMRec)", group=ABLATION, seconds=None))
+    add_gains(rows, next(r for r in rows if r["name"] == SCRATCH))
 
-    lines = ["# pmmrec demo", "", f"Built-in world (seed {seed}{', quick' if quick else ''}), target domain, "
-             "full ranking over every target item, test split.", "", table, "",
-             "Gain is relative NDCG@10 (exclude_history) against PMMRec trained from scratch.", "",
-             f"Total time {total:.0f}s on this machine.", ""]
-    for name, stats in sections:
-        lines += [f"## {name}", "", "```", format_stats(stats), "```", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-    atomic_write_text(out / "report.json", json.dumps({"rows": rows, "seed": seed, "quick": quick,
-                                                      "seconds": round(total, 1)}, indent=2) + "\n")
-    _plot(rows, out / "report.png")
+    total = time.perf_counter() - started
+    table = format_table(rows)
+    print(f"\n{table}\n\n(test split; HR/NDCG@10 under exclude_history unless marked; {total:.0f}s in all)")
+    pretrain_lines = ["## Pretraining on the source domains", "",
+                      "| objectives | mean source NDCG@10 (test) | steps | time |", "|---|---|---|---|"]
+    for name, results, took in pretrain_rows:
+        pretrain_lines.append(f"| {' + '.join(PRETRAININGS[name])} | "
+                              f"{results['test']['exclude_history']['NDCG@10']:.4f} | {results['steps']} | "
+                              f"{took:.0f}s |")
+    intro = [f"Built-in world (seed {seed}{', quick' if quick else ''}). Target domain: items never seen in "
+             "pretraining; full ranking over every target item; test split.",
+             "Gain: relative NDCG@10 (exclude_history) against PMMRec trained from scratch on the target.",
+             f"Total time {total:.0f}s on this machine."]
+    write_report(out, rows, "pmmrec demo", intro, sections=[*pretrain_lines, "", *sections],
+                 extra={"seed": seed, "quick": quick, "seconds": round(total, 1),
+                        "pretraining": [{"objectives": list(PRETRAININGS[name]), "steps": results["steps"],
+                                         "seconds": round(took, 1),
+                                         "test": results["test"]} for name, results, took in pretrain_rows]})
     log.info("wrote %s, report.json and report.png", out / "report.md")
     return rows

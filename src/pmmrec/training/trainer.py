@@ -165,7 +165,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.model.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "trainer_state": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                   "update": self.update, "best": self.best, "bad_evals": self.bad_evals,

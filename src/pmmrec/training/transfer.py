@@ -19,7 +19,7 @@ import torch
 
 from pmmrec.config import Config, load_config
 from pmmrec.errors import PmmrecError
-from pmmrec.models.pmmrec import PMMRec
+from pmmrec.models.pmmrec import FROZEN_DIGEST, PMMRec
 from pmmrec.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,12 @@ def load_parts(model: PMMRec, state: dict[str, torch.Tensor], parts: str) -> Tra
     prefixes = PARTS[parts]
     own = model.state_dict()
     report = TransferReport()
+    # A compact checkpoint leaves out frozen pretrained weights; this model loads them from the same files,
+    # which the stored digest verifies. They count as loaded.
+    verified = model.verify_omitted(state, [p for p in model.pretrained_prefixes if p.startswith(prefixes)])
     for name, tensor in state.items():
+        if name.startswith(FROZEN_DIGEST + "."):
+            continue
         if not name.startswith(prefixes):
             report.skipped[name] = "part not transferred"
         elif name not in own:
@@ -68,6 +73,7 @@ def load_parts(model: PMMRec, state: dict[str, torch.Tensor], parts: str) -> Tra
         else:
             own[name] = tensor
             report.loaded.append(name)
+    report.loaded += verified
     loaded = set(report.loaded)
     report.reinitialised = [name for name in own if name not in loaded]
     for prefix in prefixes:

@@ -1,0 +1,152 @@
+"""Comparison reports: one table (HR@10, NDCG@10, gain vs a reference run) and a bar chart.
+
+``pmmrec demo`` and ``pmmrec report RUN...`` both build their output here, so a user comparing their own run
+folders gets exactly the demo's table and plot. A *row* is a plain dict (it goes into ``report.json`` as is)::
+
+    {"name": ..., "HR@10": x, "NDCG@10": y,               # test split, exclude_history (the paper's protocol)
+     "HR@10/include_history": ..., "NDCG@10/include_history": ...,
+     "gain_vs_scratch": relative NDCG@10 against the reference row, or None,
+     "seconds": wall time or None, "group": a section of the table or None, "run": the run folder or None}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pmmrec.errors import PmmrecError
+from pmmrec.utils.io import atomic_file, atomic_write_text
+
+METRICS = ("HR@10", "NDCG@10")
+PROTOCOLS = ("exclude_history", "include_history")
+GAIN = "gain_vs_scratch"  # DESIGN section 15: report.json's gain column
+
+
+def make_row(name: str, results: dict[str, Any], seconds: float | None = None, group: str | None = None,
+             run: str | Path | None = None) -> dict[str, Any]:
+    """A table row from a ``results.json`` dict (its test split)."""
+    if "test" not in results:
+        raise PmmrecError(f"{run or name}: results have no test split")
+    row: dict[str, Any] = {"name": name, "group": group, "run": None if run is None else str(run),
+                           "seconds": None if seconds is None else round(seconds, 1)}
+    for protocol in PROTOCOLS:
+        metrics = results["test"].get(protocol, {})
+        for metric in METRICS:
+            if metric not in metrics:
+                raise PmmrecError(f"{run or name}: results lack test/{protocol}/{metric} "
+                                  "(evaluate with eval.ks including 10)")
+            row[f"{metric}/{protocol}"] = metrics[metric]
+    row["HR@10"], row["NDCG@10"] = row["HR@10/exclude_history"], row["NDCG@10/exclude_history"]
+    row[GAIN] = None
+    return row
+
+
+def add_gains(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Set every row's relative NDCG@10 gain against ``reference`` (None when the reference scores 0)."""
+    base = reference["NDCG@10"]
+    for row in rows:
+        row[GAIN] = (row["NDCG@10"] - base) / base if base > 0 else None
+
+
+def format_table(rows: Sequence[dict[str, Any]], reference: str = "scratch") -> str:
+    """A Markdown table; rows with a ``group`` are listed under a bold group line."""
+    lines = [f"| variant | HR@10 | NDCG@10 | HR@10 (incl. history) | NDCG@10 (incl. history) | gain vs {reference} "
+             "| time |", "|---|---|---|---|---|---|---|"]
+    group = None
+    for r in rows:
+        if r.get("group") and r["group"] != group:
+            group = r["group"]
+            lines.append(f"| **{group}** | | | | | | |")
+        gain = "" if r.get(GAIN) is None else f"{r[GAIN]:+.1%}"
+        took = "" if r.get("seconds") is None else f"{r['seconds']:.0f}s"
+        lines.append(f"| {r['name']} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['HR@10/include_history']:.4f} | "
+                     f"{r['NDCG@10/include_history']:.4f} | {gain} | {took} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Horizontal bars of HR@10 and NDCG@10 per row, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    height = 0.38
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.42 * len(rows)))
+    ys = list(range(len(rows)))[::-1]  # first row on top
+    for k, metric in enumerate(METRICS):
+        ax.barh([y + (0.5 - k) * height for y in ys], [r[metric] for r in rows], height, label=metric)
+    ax.set_yticks(ys, [r["name"] for r in rows], fontsize=8)
+    ax.set_xlabel("test, full ranking, exclude_history")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: str | Path, rows: list[dict[str, Any]], title: str, intro: Sequence[str] = (),
+                 extra: dict[str, Any] | None = None, sections: Sequence[str] = ()) -> None:
+    """``report.md`` (title, intro lines, the table, extra sections), ``report.json`` and ``report.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", *intro, "", format_table(rows), "", *sections]
+    atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(out / "report.json", json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    plot(rows, out / "report.png", title)
+
+
+# ---------------------------------------------------------------------------------------------- pmmrec report
+def describe_run(path: Path) -> str:
+    """A short label for a run folder: its name plus how it was trained (from config.yaml / transfer.json)."""
+    import yaml
+
+    label = path.name
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        return label
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    model = config.get("model", {})
+    bits = ["IDs" if model.get("item_tower") == "id" else model.get("modality", "")]
+    transfer = config.get("transfer", {})
+    if (path / "transfer.json").is_file() and transfer.get("checkpoint"):
+        bits.append(f"transfer {transfer.get('parts', 'full')}")
+    elif config.get("data", {}).get("sources"):
+        bits.append("pretrain")
+    else:
+        bits.append("scratch")
+    return f"{label} ({', '.join(b for b in bits if b)})"
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """A row from a run folder's ``results.json`` (written when a train/transfer/pretrain run finishes)."""
+    path = Path(path)
+    file = path / "results.json"
+    if not file.is_file():
+        raise PmmrecError(f"{path}: no results.json (is it a run folder, and did the run finish?)")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PmmrecError(f"{file}: not valid JSON ({e})") from None
+    return make_row(describe_run(path), results, run=path)
+
+
+def report_runs(runs: Sequence[str | Path], baseline: str | Path | None = None, out: str | Path | None = None,
+                title: str = "pmmrec report") -> list[dict[str, Any]]:
+    """Rows for ``runs`` with gains against ``baseline`` (a run folder among them or not; default: the first).
+
+    With ``out``, also writes report.md / report.json / report.png there.
+    """
+    if not runs:
+        raise PmmrecError("pmmrec report needs at least one run folder")
+    rows = [load_run(run) for run in runs]
+    reference = load_run(baseline) if baseline is not None else rows[0]
+    add_gains(rows, reference)
+    if out is not None:
+        write_report(out, rows, title, intro=[f"Test split, full ranking. Gain: relative NDCG@10 "
+                                              f"(exclude_history) against {reference['name']}."],
+                     extra={"baseline": reference["run"]})
+    return rows
