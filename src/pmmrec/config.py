@@ -348,6 +348,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{loc}'{key}' must not be null")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on (and no/yes) as a boolean
+            value = next((word for word in (("on", "yes") if value else ("off", "no")) if word in choices), value)
         if value not in choices:
             hint = _close_match(str(value), [str(c) for c in choices])
             raise ConfigError(f"{loc}'{key}' must be one of {list(choices)}, got {value!r}{hint}")

@@ -101,3 +101,13 @@ def test_cpu_recipe_matches_the_demo():
     from pmmrec.demo import CPU_RECIPE
 
     assert load_config(REPO / "configs/cpu.yaml") == load_config(None, CPU_RECIPE)
+
+
+def test_yaml_booleans_read_as_off_on_words(tmp_path):
+    """YAML 1.1 reads a bare `off` as False: a choice field that offers "off" takes it as the word."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  amp: off\n")
+    assert load_config(recipe).train.amp == "off"
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["model.fusion=off"])  # no "off" among the fusions: still an error
