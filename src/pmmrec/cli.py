@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,7 +146,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pmmrec.training.trainer import pretrain
 
     results = pretrain(load_config(args.config, [*args.overrides, _objectives(args)]), resume=args.resume)
-    for name, splits in results.get("per_domain", {}).items():
+    for name, splits in (results.get("per_domain", {}) if _prints() else {}).items():
         metrics = splits["test"]["exclude_history"]
         print(f"{name:12s} test exclude_history HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f}")
     _print_results(results)
@@ -164,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pmmrec.training.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split)
-    if args.json:
+    if args.json and _prints():
         print(json.dumps(results, indent=2))
     else:
         _print_results(results)
@@ -214,8 +215,15 @@ def _objectives(args: argparse.Namespace) -> str:
     return f"objectives.use=[{', '.join(names)}]"
 
 
+def _prints() -> bool:
+    """Under torchrun every process runs the command and gets the results; rank 0 alone prints them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _print_results(results: dict) -> None:
     """A small table: split x protocol -> HR/NDCG/MRR@K."""
+    if not _prints():
+        return
     for split in ("valid", "test"):
         if split not in results:
             continue

@@ -3,6 +3,12 @@
 Each catalogue item is encoded exactly once per evaluation through the one ``ItemEncoder``; a user's vector is
 the user encoder's state at the last position of their input, built from those same item vectors (no item is
 re-encoded per user). Ranking and metrics come from :mod:`pmmrec.evaluation.ranking`.
+
+Under torchrun (a process group is initialised) the work is sharded and the result is the one process's,
+bit for bit: catalogue chunks and user chunks (``eval.batch_size`` each, the very chunks one process uses, so
+every vector comes from the same arithmetic) are dealt to the ranks in turn, the item vectors are summed across
+ranks (each row is non-zero on one rank only, so the sum is exact), and the per-user ranks (integers) are
+gathered and put back in user order before the metrics are computed, identically on every rank.
 """
 
 from __future__ import annotations
@@ -16,14 +22,32 @@ from pmmrec.config import EvalConfig
 from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import EvalSequences
 from pmmrec.data.item_features import ItemFeatureStore
-from pmmrec.evaluation.ranking import evaluate_rankings
+from pmmrec.evaluation.metrics import metrics_from_ranks
+from pmmrec.evaluation.ranking import PROTOCOLS, rank_targets
 from pmmrec.models.pmmrec import PMMRec
+from pmmrec.training import distributed
+
+
+def _my_chunks(total: int, size: int, start: int = 0) -> list[tuple[int, int]]:
+    """The ``[begin, end)`` chunks of ``start..start+total`` (``size`` each) that this rank handles: every
+    ``world``-th one, from its rank on (all of them in one process)."""
+    chunks = [(b, min(b + size, start + total)) for b in range(start, start + total, size)]
+    return chunks[distributed.rank()::distributed.world_size()]
 
 
 @torch.no_grad()
 def encode_catalogue(model: PMMRec, store: ItemFeatureStore | None, num_items: int, device: torch.device,
                      batch_size: int = 256, progress: bool = False) -> Tensor:
-    """(N+1, D) vectors of items 0..N; row 0 (padding) is zero."""
+    """(N+1, D) vectors of items 0..N; row 0 (padding) is zero. Under torchrun each rank encodes its share of
+    the chunks and every rank returns the whole table."""
+    if distributed.world_size() > 1:
+        out = torch.zeros(num_items + 1, model.item_encoder.dim, device=device)
+        for begin, end in tqdm(_my_chunks(num_items, batch_size, start=1), desc="encode items",
+                               disable=not progress or not distributed.is_main(), leave=False):
+            items = np.arange(begin, end)
+            inputs = store.lookup(items) if store is not None else ItemInputs(items=torch.from_numpy(items))
+            out[begin:end] = model.encode_items(inputs.to(device)).float()
+        return distributed.all_reduce_sum(out)  # exact: each row is non-zero on one rank only
     chunks = [torch.zeros(1, model.item_encoder.dim, device=device)]
     starts = range(1, num_items + 1, batch_size)
     for start in tqdm(starts, desc="encode items", disable=not progress, leave=False):
@@ -55,9 +79,12 @@ def evaluate(model: PMMRec, item_vecs: Tensor, sequences: EvalSequences, cfg: Ev
     was_training = model.training
     model.eval()
     try:
-        users = user_vectors(model, item_vecs, sequences.inputs, cfg.batch_size)
-        targets, histories = sequences.targets.to(item_vecs.device), [h.to(item_vecs.device)
-                                                                       for h in sequences.histories]
+        # This rank's users (all of them in one process), in whole chunks of eval.batch_size.
+        index = torch.cat([torch.arange(b, e) for b, e in _my_chunks(len(sequences), cfg.batch_size)]
+                          or [torch.zeros(0, dtype=torch.long)])
+        users = user_vectors(model, item_vecs, sequences.inputs[index], cfg.batch_size)
+        targets = sequences.targets[index].to(item_vecs.device)
+        histories = [sequences.histories[i].to(item_vecs.device) for i in index.tolist()]
         if candidates is not None:
             candidates = candidates.to(item_vecs.device)
             local = torch.zeros(len(item_vecs), dtype=torch.long, device=item_vecs.device)  # merged -> local number
@@ -67,8 +94,12 @@ def evaluate(model: PMMRec, item_vecs: Tensor, sequences: EvalSequences, cfg: Ev
             if bool((targets == 0).any()):
                 raise ValueError("a target item lies outside the candidate catalogue")
             histories = [local[h][local[h] > 0] for h in histories]
-        return evaluate_rankings(users, item_vecs, targets, histories, cfg.ks, user_chunk=cfg.batch_size,
-                                 item_chunk=cfg.item_chunk)
+        ranks = rank_targets(users, item_vecs, targets, histories, user_chunk=cfg.batch_size,
+                             item_chunk=cfg.item_chunk)  # {protocol: (u,)}; u may be 0 on some rank
+        if distributed.world_size() > 1:
+            order = torch.cat(distributed.all_gather_varlen(index.to(item_vecs.device))).argsort()
+            ranks = {p: torch.cat(distributed.all_gather_varlen(r))[order] for p, r in ranks.items()}
+        return {protocol: metrics_from_ranks(ranks[protocol], cfg.ks) for protocol in PROTOCOLS}
     finally:
         model.train(was_training)
 

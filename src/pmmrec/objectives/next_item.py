@@ -7,7 +7,9 @@ reference code's loss exactly, vectorised over the batch (the reference loops ov
 
 * a user ``u`` contributes one left-padded window of ``L + 1`` item slots; the user encoder reads slots
   ``0..L-1`` and position ``j`` predicts slot ``j + 1``;
-* the candidates are all ``B * (L + 1)`` slots of the batch, or a larger set gathered across ranks;
+* the candidates are all ``B * (L + 1)`` slots of the batch, or, in data-parallel training with
+  ``train.gather_negatives``, the slots of every rank's share of the global batch (``cand_*`` arguments), which
+  makes N processes with B users each train exactly the objective of one process with N * B users;
 * ``logit[u, j, c] = h_{u,j} . e_c - log p(item_c)`` (``p`` = training popularity; padding has ``p = 1``);
 * masked out: padding slots, and every slot whose item occurs anywhere in ``u``'s window, except the true
   target slot ``(u, j + 1)``; other slots that hold the target's item stay masked, as in the reference;
@@ -98,7 +100,7 @@ def _check_window(user_states: Tensor, item_embs: Tensor, items: Tensor) -> tupl
 
 def next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, log_pop: Tensor | None = None, *,
                    cand_embs: Tensor | None = None, cand_items: Tensor | None = None,
-                   cand_offset: int = 0) -> Tensor:
+                   cand_offset: int = 0, reduction: str = "mean") -> Tensor:
     """L_rec: in-batch softmax next-item cross-entropy with logQ correction (PMMRec, ICDE 2024; ref code).
 
     Args:
@@ -110,10 +112,14 @@ def next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, log_po
         cand_items: ``(C,)`` their item numbers (required with ``cand_embs``).
         cand_offset: where this batch's ``B * (L+1)`` slots, flattened row-major, sit in the gathered set;
             the caller guarantees ``cand_items[cand_offset:cand_offset + B*(L+1)] == items.flatten()``.
+        reduction: ``"mean"`` over the positions, or ``"sum"`` (data-parallel training divides the sum by the
+            number of positions on all ranks together, so that the loss is the mean over the global batch).
 
     Returns:
-        A scalar: the mean cross-entropy over non-padded input positions (``items[:, :-1] != 0``).
+        A scalar: the mean (or sum) of the cross-entropy over non-padded input positions (``items[:, :-1] != 0``).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     batch, length, dim = _check_window(user_states, item_embs, items)
     slots = length + 1
     if cand_embs is None:
@@ -146,7 +152,7 @@ def next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, log_po
 
     mask = window_item_mask(items, cand_items)[row_user]  # (V, C); indexing copies, so writing is safe
     mask[torch.arange(targets.shape[0], device=mask.device), targets] = False
-    return F.cross_entropy(_masked_logits(logits, mask), targets)
+    return F.cross_entropy(_masked_logits(logits, mask), targets, reduction=reduction)
 
 
 def sampled_next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, neg_embs: Tensor,

@@ -7,6 +7,7 @@ import logging
 from pmmrec.config import config_from_dict
 from pmmrec.errors import PmmrecError
 from pmmrec.models.pmmrec import PMMRec
+from pmmrec.training import distributed
 from pmmrec.training.checkpoint import load_checkpoint
 from pmmrec.training.trainer import Trainer, load_split
 
@@ -23,6 +24,9 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (),
         raise PmmrecError(f"{path}: an ID-based model can only be evaluated on the catalogue it was trained on")
     model = PMMRec(config, len(state["item_ids"]) if config.model.item_tower == "id" else len(split.item_ids))
     model.load_state_dict(state["model"])
-    trainer = Trainer(config, model=model, split=split)
-    item_vecs = trainer.catalogue()  # encoded once, shared by the splits
-    return {which: trainer.evaluate(which, item_vecs) for which in (splits or ["valid", "test"])}
+    try:
+        trainer = Trainer(config, model=model, split=split)  # under torchrun: sharded over the processes
+        item_vecs = trainer.catalogue()  # encoded once, shared by the splits
+        return {which: trainer.evaluate(which, item_vecs) for which in (splits or ["valid", "test"])}
+    finally:
+        distributed.cleanup()

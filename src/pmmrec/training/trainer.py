@@ -5,6 +5,21 @@ per-group learning rates and a per-step schedule, gradient accumulation and clip
 with full ranking, early stopping on validation NDCG@10, and checkpoints that resume *exactly*: the epoch's
 permutation is derived from (seed, epoch), the position inside it is saved, and so are every RNG state, the
 optimiser, the scheduler and the scaler, so an interrupted run ends with the metrics of an uninterrupted one.
+
+Under ``torchrun`` (:mod:`pmmrec.training.distributed`) the model is wrapped in DDP and ``train.batch_size`` is the
+*global* batch: each global batch of the plan is cut into one contiguous slice per rank, so N processes see in
+every step exactly the users one process sees. What crosses ranks:
+
+* L_rec: with ``train.gather_negatives`` the item vectors, item numbers (hence the popularity terms and the
+  same-user masks) of every rank's slots are gathered *with gradients*, and each rank's loss is its sum over its
+  positions times N divided by the number of positions of the global batch, so that DDP's gradient average is
+  the gradient of the mean over the global batch: N x B/N trains the objective of 1 x B (tested). Without
+  gathering, each rank's positions are scored against its own slots only (the reference code's per-GPU
+  negatives), weighted the same way.
+* L_NICL, L_NID, L_RCL run per rank on the rank's slice (their negatives are that slice's) and DDP averages
+  their gradients: the mean over ranks of per-slice losses. Equal to one process only for L_NID.
+* Only rank 0 writes the run folder (config, logs, metrics, checkpoints, results); every rank reads
+  checkpoints; evaluation is sharded and reduced exactly (:mod:`pmmrec.evaluation.evaluator`).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from pmmrec.models.feature_cache import cache_frozen_features
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.objectives import corrupt, log_popularity, next_item_loss, nicl_loss, nid_loss, rcl_loss
 from pmmrec.pretrained import tokenizer_dir
+from pmmrec.training import distributed
 from pmmrec.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pmmrec.training.optim import build_optimizer, build_scheduler
 from pmmrec.training.run_dir import RunDir
@@ -57,12 +73,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PmmrecError(f"train.device={name} but no CUDA device is available")
-    return device
+    """This process's device (and, under torchrun, its place in the process group)."""
+    return distributed.setup(name)
 
 
 @dataclass
@@ -117,6 +129,35 @@ def needs_images(config: Config) -> bool:
     return config.model.item_tower == "content" and config.model.modality in ("multimodal", "vision")
 
 
+class _Objective(torch.nn.Module):
+    """What DDP wraps: the model, with the training objective as its forward. DDP arms its gradient hooks in
+    ``forward``, and the trainer reaches into the model's parts (item encoder, user encoder, heads), so the whole
+    loss must run inside one forward call."""
+
+    def __init__(self, model: PMMRec, terms):
+        super().__init__()
+        self.model = model
+        self.terms = terms
+
+    def forward(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        return self.terms(batch)
+
+
+class _RankCollator:
+    """The window collator, plus one all-padding window for an empty slice (picklable for workers).
+
+    A rank whose slice of the global batch is empty (the epoch's last batch has fewer users than there are ranks)
+    still takes part in every collective: it trains one all-padding window, which has no position to predict and
+    contributes nothing but zeros.
+    """
+
+    def __init__(self, collate: WindowCollator, slots: int):
+        self.collate, self.slots = collate, slots
+
+    def __call__(self, windows: list[np.ndarray]) -> SequenceBatch:
+        return self.collate(windows if windows else [np.zeros(self.slots, dtype=np.int64)])
+
+
 def check_run_dir(run: RunDir, resume: bool) -> None:
     """Refuse to start afresh over a run that exists (checked before any expensive set-up)."""
     if not resume and (run.last.is_file() or (run.path / "metrics.jsonl").is_file()):
@@ -134,6 +175,10 @@ class Trainer:
         computed from it (such as the frozen-feature cache)."""
         self.config = config
         self.device = resolve_device(config.train.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if config.train.batch_size % self.world:
+            raise PmmrecError(f"train.batch_size={config.train.batch_size} (the global batch) does not split over "
+                              f"the {self.world} processes of this torchrun launch: use a multiple of {self.world}")
         seed_everything(config.seed, config.train.deterministic)
         self.run = RunDir(config.run.dir)
         split = split if split is not None else load_split(config)
@@ -143,9 +188,11 @@ class Trainer:
         self.transfer_report = init_from(self.model, init, config.transfer.parts) if init is not None else None
         self.model.to(self.device)
         cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else self.run.path / "cache"
-        store = build_store(config, self.model, split, cache_dir)
-        cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size,
-                              cache_dir=cache_dir, prefixes=config.train.feature_cache)
+        with distributed.main_first():  # rank 0 computes and stores the caches; the others then read them
+            store = build_store(config, self.model, split, cache_dir)
+            cache_frozen_features(self.model.item_encoder, store, self.device, config.eval.batch_size,
+                                  cache_dir=cache_dir, prefixes=config.train.feature_cache,
+                                  progress=distributed.is_main())
         valid, test = eval_splits(split, config.data.max_seq_len)
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
         self.log_pop = log_popularity(split.train_counts).to(self.device)
@@ -157,7 +204,20 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_updates)
         use_amp = self.device.type == "cuda" and cfg.amp != "off"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if use_amp else None
+        if self.amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("train.amp=bf16 but this GPU has no bfloat16: using float16 with a gradient scaler")
+            self.amp_dtype = torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # DDP (under torchrun) wraps the objective, not just the model: see _Objective. Every trainable parameter
+        # is used by every step (heads exist only for the objectives in use), so no unused-parameter search.
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                _Objective(self.model, self._terms),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # Dropout and the like draw from the global RNG: one stream per rank (the weights are already
+            # built, and DDP made them rank 0's).
+            seed_everything(config.seed + 7919 * self.rank, config.train.deterministic)
         # Loop state (everything a checkpoint restores).
         self.epoch, self.batch_in_epoch, self.update = 0, 0, 0
         self.best, self.bad_evals, self.best_update = -1.0, 0, 0
@@ -165,12 +225,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "trainer_state": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                                  "update": self.update, "best": self.best, "bad_evals": self.bad_evals,
-                                  "best_update": self.best_update},
-                "config": self.config.to_dict(), "item_ids": list(self.data.split.item_ids)}
+        """The checkpoint. Under torchrun every rank must call it (it gathers each rank's RNG states)."""
+        state = {"model": self.model.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                 "trainer_state": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                   "update": self.update, "best": self.best, "bad_evals": self.bad_evals,
+                                   "best_update": self.best_update},
+                 "config": self.config.to_dict(), "item_ids": list(self.data.split.item_ids)}
+        if self.world > 1:
+            state["rng_ranks"] = distributed.all_gather_objects(state["rng"])  # rank r resumes from its own
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["item_ids"]) != list(self.data.split.item_ids):
@@ -182,16 +246,24 @@ class Trainer:
         t = state["trainer_state"]
         self.epoch, self.batch_in_epoch, self.update = t["epoch"], t["batch_in_epoch"], t["update"]
         self.best, self.bad_evals, self.best_update = t["best"], t["bad_evals"], t["best_update"]
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if self.world > 1 and (ranks is None or len(ranks) != self.world):
+            log.warning("the checkpoint holds RNG states for %s process(es), this run has %d: every process "
+                        "resumes from rank 0's (dropout masks will differ from an uninterrupted run)",
+                        len(ranks) if ranks is not None else 1, self.world)
+        set_rng_state(ranks[self.rank] if ranks is not None and len(ranks) == self.world else state["rng"])
 
     def save(self, best: bool = False) -> None:
+        """Rank 0 writes; under torchrun every rank calls this and returns once the files are complete."""
         state = self.state_dict()
-        # best.pt first: a crash between the two writes then resumes from the previous last.pt, which redoes
-        # this evaluation and rewrites best.pt. The other order could leave last.pt claiming a best.pt that
-        # was never written.
-        if best:
-            save_checkpoint(self.run.best, state)
-        save_checkpoint(self.run.last, state)
+        if distributed.is_main():
+            # best.pt first: a crash between the two writes then resumes from the previous last.pt, which redoes
+            # this evaluation and rewrites best.pt. The other order could leave last.pt claiming a best.pt that
+            # was never written.
+            if best:
+                save_checkpoint(self.run.best, state)
+            save_checkpoint(self.run.last, state)
+        distributed.barrier()  # nobody reads best.pt (finish) before it exists
 
     # -------------------------------------------------------------------------------------------------- data
     def batch_plan(self, epoch: int) -> list[list[int]]:
@@ -199,29 +271,56 @@ class Trainer:
 
         ``data.mix: per_domain`` (pretraining) keeps every batch inside one source domain, so in-batch negatives
         come from the same domain; the order of those batches is shuffled. Otherwise batches mix users freely.
+
+        Under torchrun the plan is the same (``train.batch_size`` is the global batch) and this rank gets its
+        contiguous slice of each batch (possibly empty in a last batch with fewer users than ranks).
         """
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         size = self.config.train.batch_size
         if self.views is None or self.config.data.mix == "mixed":
             order = torch.randperm(len(self.data.windows), generator=generator).tolist()
-            return [order[i:i + size] for i in range(0, len(order), size)]
-        plan = []
-        for view in self.views:
-            users = view.users[torch.randperm(len(view.users), generator=generator).numpy()].tolist()
-            plan += [users[i:i + size] for i in range(0, len(users), size)]
-        return [plan[i] for i in torch.randperm(len(plan), generator=generator).tolist()]
+            plan = [order[i:i + size] for i in range(0, len(order), size)]
+        else:
+            plan = []
+            for view in self.views:
+                users = view.users[torch.randperm(len(view.users), generator=generator).numpy()].tolist()
+                plan += [users[i:i + size] for i in range(0, len(users), size)]
+            plan = [plan[i] for i in torch.randperm(len(plan), generator=generator).tolist()]
+        return plan if self.world == 1 else [self._my_slice(batch) for batch in plan]
+
+    def _my_slice(self, batch: list[int]) -> list[int]:
+        sizes = distributed.shard_sizes(len(batch), self.world)
+        start = sum(sizes[:self.rank])
+        return batch[start:start + sizes[self.rank]]
 
     def batches(self, epoch: int, skip: int) -> DataLoader:
         """The epoch's batches, skipping the first ``skip`` (resume)."""
         # A generator of its own, so creating the loader never draws from the global RNG (exact resume).
         return DataLoader(self.data.windows, batch_sampler=self.batch_plan(epoch)[skip:],
-                          collate_fn=WindowCollator(self.data.store), num_workers=self.config.data.num_workers,
+                          collate_fn=_RankCollator(WindowCollator(self.data.store), self.config.data.max_seq_len + 1),
+                          num_workers=self.config.data.num_workers,
                           generator=torch.Generator().manual_seed(epoch), pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
 
     # ------------------------------------------------------------------------------------------------ steps
     def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted sum of the objectives in ``objectives.use`` and each term's value (for logging)."""
+        """The weighted sum of the objectives in ``objectives.use`` and each term's value (for logging).
+
+        Under torchrun the sum is this rank's share of the global objective (what backward needs), and the
+        logged values are the global batch's: L_rec's mean over all positions, the auxiliary terms' mean over
+        ranks.
+        """
+        cfg = self.config.objectives
+        parts = self.ddp(batch) if self.ddp is not None else self._terms(batch)
+        total = sum(cfg.weights.get(name, 1.0) * value for name, value in parts.items())
+        if self.world == 1:
+            return total, {name: float(value.detach()) for name, value in parts.items()}
+        # Each term is scaled so that DDP's average over ranks is the global value (see _rec_loss).
+        values = distributed.all_reduce_sum(torch.stack([v.detach() for v in parts.values()])) / self.world
+        return total, dict(zip(parts, values.tolist(), strict=True))
+
+    def _terms(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Each objective's value on ``batch`` (under torchrun, this rank's share; DDP runs this as forward)."""
         cfg = self.config.objectives
         use = set(cfg.use)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -235,7 +334,7 @@ class Trainer:
             states = self.model.encode_sequences(item_embs[:, :-1], mask)  # (B, L, D)
             parts: dict[str, torch.Tensor] = {}
             if "rec" in use:
-                parts["rec"] = next_item_loss(states.float(), item_embs.float(), batch.items, self.log_pop)
+                parts["rec"] = self._rec_loss(states.float(), item_embs.float(), batch.items)
             if "nicl" in use:
                 text = self.model.heads["nicl_text"](tokens.pooled_text())[batch.inverse]  # (B, L+1, D)
                 image = self.model.heads["nicl_image"](tokens.pooled_image())[batch.inverse]
@@ -244,7 +343,7 @@ class Trainer:
             if use & {"nid", "rcl"}:
                 # The corruption is drawn from (seed, epoch, batch): deterministic, and identical after a resume.
                 generator = torch.Generator().manual_seed(
-                    self.config.seed * 1_000_003 + self.epoch * 100_003 + self.batch_in_epoch)
+                    self.config.seed * 1_000_003 + self.epoch * 100_003 + self.batch_in_epoch + 7919 * self.rank)
                 corrupted, changed = corrupt(batch.items[:, :-1], cfg.nid.ratio, generator, cfg.nid.shuffle)
                 # Replacements come from the batch's own items, whose vectors are already computed.
                 noisy = unique_embs[torch.searchsorted(batch.unique, corrupted.to(batch.unique.device))]
@@ -253,9 +352,28 @@ class Trainer:
                     parts["nid"] = nid_loss(self.model.heads["nid"](noisy_states).float(),
                                             changed.to(mask.device), mask)
                 if "rcl" in use:
-                    parts["rcl"] = rcl_loss(states[:, -1].float(), noisy_states[:, -1].float(), cfg.rcl.tau)
-        total = sum(cfg.weights.get(name, 1.0) * value for name, value in parts.items())
-        return total, {name: float(value.detach()) for name, value in parts.items()}
+                    head = self.model.heads["rcl"]
+                    parts["rcl"] = rcl_loss(head(states[:, -1]).float(), head(noisy_states[:, -1]).float(),
+                                            cfg.rcl.tau)
+        return parts
+
+    def _rec_loss(self, states: torch.Tensor, item_embs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """L_rec; under torchrun, this rank's share of the mean over the global batch's positions."""
+        if self.world == 1:
+            return next_item_loss(states, item_embs, items, self.log_pop)
+        gathered = {}
+        if self.config.train.gather_negatives:
+            # Every rank's slots, in rank order (= the global batch's order); the gradient that this rank's
+            # positions send to other ranks' item vectors flows back to them through the gather.
+            embs = distributed.all_gather_varlen(item_embs.reshape(-1, item_embs.shape[-1]), grad=True)
+            slots = distributed.all_gather_varlen(items.reshape(-1))
+            gathered = {"cand_embs": torch.cat(embs), "cand_items": torch.cat(slots),
+                        "cand_offset": sum(len(s) for s in slots[:self.rank])}
+        total = next_item_loss(states, item_embs, items, self.log_pop, reduction="sum", **gathered)
+        positions = distributed.all_reduce_sum((items[:, :-1] != 0).sum()).clamp(min=1)
+        # DDP averages gradients over the N ranks, so N * (this rank's sum) / (all positions) makes that average
+        # the gradient of the mean over every position of the global batch, which one process computes.
+        return total * self.world / positions
 
     def catalogue(self) -> torch.Tensor:
         """(N+1, D) vectors of every item, each encoded once with the current weights."""
@@ -286,8 +404,9 @@ class Trainer:
             self.best, self.bad_evals, self.best_update = value, 0, self.update
         else:
             self.bad_evals += 1
-        self.run.log_metrics({"step": self.update, "epoch": self.epoch, "train_loss": loss, "train_terms": terms,
-                              "valid": metrics})
+        if distributed.is_main():
+            self.run.log_metrics({"step": self.update, "epoch": self.epoch, "train_loss": loss,
+                                  "train_terms": terms, "valid": metrics})
         if self.writer is not None:
             for proto, values in metrics.items():
                 for key, v in values.items():
@@ -300,8 +419,10 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         cfg = self.config.train
         check_run_dir(self.run, resume)
-        self.run.create(self.config)
-        if self.transfer_report is not None:
+        main = distributed.is_main()  # the one process that writes the run folder
+        if main:
+            self.run.create(self.config)
+        if self.transfer_report is not None and main:
             atomic_write_text(self.run.path / "transfer.json",
                               json.dumps(self.transfer_report.to_dict(), indent=2) + "\n")
         try:
@@ -309,13 +430,15 @@ class Trainer:
                 log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
             if resume and self.run.last.is_file():
                 self.load_state_dict(load_checkpoint(self.run.last))
-                self.run.truncate_metrics(self.update)
+                if main:
+                    self.run.truncate_metrics(self.update)
                 log.info("resumed from %s at epoch %d, batch %d, step %d", self.run.last, self.epoch,
                          self.batch_in_epoch, self.update)
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.run.path / "tensorboard"))
+                if main:
+                    self.writer = SummaryWriter(str(self.run.path / "tensorboard"))
             self._loop(cfg)
             return self.finish()
         finally:
@@ -330,11 +453,18 @@ class Trainer:
             losses: list[float] = []
             part_sums: dict[str, float] = {}  # objective -> sum over this epoch's batches (mean logged)
             bar = tqdm(self.batches(self.epoch, self.batch_in_epoch), desc=f"epoch {self.epoch}",
-                       total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, disable=None)
+                       total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False,
+                       disable=None if distributed.is_main() else True)
             for batch in bar:
-                loss, parts = self.loss(batch.to(self.device, non_blocking=True))
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-                losses.append(loss.item())
+                stepping = ((self.batch_in_epoch + 1) % cfg.grad_accum == 0
+                            or self.batch_in_epoch + 1 >= self.steps_per_epoch)
+                # Micro-batches that only accumulate skip DDP's gradient all-reduce; the stepping one syncs the sum.
+                sync = self.ddp.no_sync() if self.ddp is not None and not stepping else contextlib.nullcontext()
+                with sync:
+                    loss, parts = self.loss(batch.to(self.device, non_blocking=True))
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
+                losses.append(loss.item() if self.world == 1 else
+                              sum(self.config.objectives.weights.get(n, 1.0) * v for n, v in parts.items()))
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value
                 self.batch_in_epoch += 1
@@ -389,7 +519,8 @@ class Trainer:
         if self.views is not None:
             results["per_domain"] = {view.name: {split: self.per_domain[split][view.name]
                                                  for split in ("valid", "test")} for view in self.views}
-        self.run.write_results(results)
+        if distributed.is_main():
+            self.run.write_results(results)
         log.info("test (exclude_history): %s", {k: round(v, 4) for k, v in results["test"]["exclude_history"].items()})
         return results
 
@@ -397,7 +528,10 @@ class Trainer:
 def train(config: Config, resume: bool = False) -> dict:
     """``pmmrec train``: fit on ``data.domain`` from scratch and return ``results.json``'s content."""
     check_run_dir(RunDir(config.run.dir), resume)
-    return Trainer(config).fit(resume=resume)
+    try:
+        return Trainer(config).fit(resume=resume)
+    finally:
+        distributed.cleanup()
 
 
 def transfer(checkpoint: str, recipe: str | None, overrides: list[str] | tuple[str, ...] = (),
@@ -410,11 +544,17 @@ def transfer(checkpoint: str, recipe: str | None, overrides: list[str] | tuple[s
     config = transfer_config(load_checkpoint(checkpoint), recipe, [*overrides, f"transfer.checkpoint={checkpoint}"],
                              checkpoint)
     check_run_dir(RunDir(config.run.dir), resume)
-    return Trainer(config, init=checkpoint).fit(resume=resume)
+    try:
+        return Trainer(config, init=checkpoint).fit(resume=resume)
+    finally:
+        distributed.cleanup()
 
 
 def pretrain(config: Config, resume: bool = False) -> dict:
     """``pmmrec pretrain``: fit on all of ``data.sources`` together; validation per source domain."""
     check_run_dir(RunDir(config.run.dir), resume)
     split, views = load_sources(config, needs_images(config))
-    return Trainer(config, split=split, views=views).fit(resume=resume)
+    try:
+        return Trainer(config, split=split, views=views).fit(resume=resume)
+    finally:
+        distributed.cleanup()
