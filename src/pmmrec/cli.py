@@ -206,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pmmrec.serving.server import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
-          threads=args.threads, persist_items=args.persist_items)
+          threads=args.threads, persist_items=args.persist_items, compare=args.compare)
 
 
 def _objectives(args: argparse.Namespace) -> str:
@@ -462,8 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faiss", metavar="FILE", help="also write an inner-product faiss index (needs faiss-cpu)")
     p.add_argument("--faiss-kind", choices=["hnsw", "flat"], default="hnsw",
                    help="hnsw: approximate, for large catalogues (default); flat: exact")
-    p = add(sub, "serve", "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics",
-            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000", cmd_serve)
+    p = add(sub, "serve", "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics; "
+            "the explorer page at / (users' histories and recommendations as pictures, add an item)",
+            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000 [--compare runs/y/checkpoints/best.pt]",
+            cmd_serve)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -474,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", help=domain_help)
     p.add_argument("--persist-items", action="store_true",
                    help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")
+    p.add_argument("--compare", metavar="CHECKPOINT",
+                   help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
+                        "over the same catalogue")
     p = add(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
             "pmmrec bench train --out bench.json --quick", cmd_bench)
     p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "

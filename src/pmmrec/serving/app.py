@@ -8,7 +8,8 @@ added to it like to any other::
     def hello(): ...
 
 Routes: ``POST /recommend``, ``POST /items``, ``GET /items/{item_id}``, ``GET /health``, ``GET /metrics``; the
-OpenAPI schema is at ``/openapi.json`` and its pages at ``/docs``. Bad input always gets a 4xx JSON answer
+OpenAPI schema is at ``/openapi.json`` and its pages at ``/docs``. The explorer page is at ``/``, with its own
+routes (:mod:`pmmrec.serving.explorer_api`), over the recommender and optionally a second one to compare. Bad input always gets a 4xx JSON answer
 ``{"detail": ...}`` (422 invalid, 404 unknown item, 409 conflict, 413 too large); a 500 means a bug.
 """
 
@@ -32,6 +33,8 @@ from pmmrec.inference import NewItem, Recommender
 from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.recommender import CannotAddItemsError
 from pmmrec.serving.batching import RecommendBatcher
+from pmmrec.serving.explorer import Explorer
+from pmmrec.serving.explorer_api import add_explorer_routes
 from pmmrec.serving.metrics import GuardMiddleware, Metrics
 from pmmrec.serving.schemas import (
     AddItemsResponse,
@@ -50,8 +53,12 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 422)}
 
 
 def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *, persist_items: bool = False,
-               add_items: bool = True, add_items_refusal: str | None = None) -> FastAPI:
+               add_items: bool = True, add_items_refusal: str | None = None, compare: Recommender | None = None,
+               names: tuple[str, ...] | None = None) -> FastAPI:
     """The service's app over ``recommender``.
+
+    ``compare`` is a second model shown side by side on the explorer page (same catalogue domain); items added
+    through ``POST /items`` are added to it too when it can take them. ``names`` label the models on the page.
 
     ``persist_items`` writes every item added through ``POST /items`` into the catalogue's domain folder.
     ``add_items=False`` answers ``POST /items`` with 409 and ``add_items_refusal`` as the reason (e.g. when
@@ -65,6 +72,7 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
                               "soon as they are added with a title and/or an image (no retraining).")
     app.state.recommender = recommender
     app.state.limits = limits
+    app.state.can_add_items = add_items
     app.state.metrics = metrics
     batcher = RecommendBatcher(recommender)
     app.state.batcher = batcher
@@ -99,6 +107,11 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
         items = [NewItem(item.item_id, item.title, _image_bytes(item.item_id, item.image, limits))
                  for item in body.items]
         added = await run_in_threadpool(recommender.add_items, items, persist_items)
+        if compare is not None and compare.can_add_items:
+            try:
+                await run_in_threadpool(compare.add_items, items, False)
+            except PmmrecError as e:  # e.g. a text-only model given an image-only item: the page shows it absent
+                log.warning("the compared model did not take the new item(s): %s", e)
         return AddItemsResponse(added=added, items=len(recommender), persisted=persist_items)
 
     @app.get("/items/{item_id}", response_model=ItemResponse, responses=_ERRORS, summary="one catalogue item")
@@ -120,6 +133,7 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     async def get_metrics() -> dict:
         return metrics.snapshot()
 
+    add_explorer_routes(app, Explorer.build(recommender, compare, names), limits)
     return app
 
 

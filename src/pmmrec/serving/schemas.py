@@ -110,3 +110,80 @@ def schemas(limits: ServiceLimits) -> tuple[type[BaseModel], type[BaseModel]]:
         items: list[NewItemBody] = Field(min_length=1, max_length=limits.max_items_per_request)
 
     return RecommendRequest, AddItemsRequest
+
+
+# ------------------------------------------------------------------------------------------- explorer (GET /)
+class ModelInfo(BaseModel):
+    name: str
+    modality: str
+    fusion: str
+    item_tower: str
+    can_add_items: bool
+
+
+class ExplorerInfo(BaseModel):
+    models: list[ModelInfo] = Field(description="the served model first, then the --compare one")
+    users: int = Field(description="users of the catalogue's domain (users.tsv)")
+    items: int
+    max_k: int
+    can_add_items: bool
+
+
+class UserSummary(BaseModel):
+    user_id: str
+    length: int = Field(description="interactions in users.tsv, the held-out next item included")
+
+
+class UsersResponse(BaseModel):
+    total: int = Field(description="users matching the query")
+    users: list[UserSummary]
+
+
+class ItemCard(BaseModel):
+    item_id: str
+    title: str | None
+    has_image: bool
+    added: bool
+
+
+class RecommendedCard(ItemCard):
+    score: float
+    rank: int
+    hit: bool = Field(description="this is the user's held-out next item")
+
+
+class ModelColumn(BaseModel):
+    name: str
+    items: list[RecommendedCard]
+    hit_rank: int | None = Field(description="rank of the held-out next item in the top K, if there")
+    error: str | None = None
+    unknown: int = Field(0, description="history items this model's catalogue does not have (skipped)")
+
+
+class ExploreResponse(BaseModel):
+    user_id: str
+    k: int
+    exclude_history: bool
+    history_length: int = Field(description="items the models see (the held-out next item excluded)")
+    history: list[ItemCard] = Field(description="the most recent of them, oldest first")
+    next: ItemCard | None = Field(description="the held-out next item (leave-one-out, as in evaluation)")
+    models: list[ModelColumn]
+
+
+class ReachUser(BaseModel):
+    user_id: str
+    rank: int
+    score: float
+
+
+class ReachColumn(BaseModel):
+    name: str
+    in_catalogue: bool
+    users: list[ReachUser] = Field(description="sampled users whose top K holds the item, best rank first")
+
+
+class ReachResponse(BaseModel):
+    item: ItemCard
+    k: int
+    sampled: int
+    models: list[ReachColumn]

@@ -22,21 +22,30 @@ def _check_server_deps() -> None:
 
 
 def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
-              workers: int = 1, unknown_items: str = "skip"):
-    """The app for one process: load the checkpoint, encode the catalogue, wrap it in :func:`create_app`."""
+              workers: int = 1, unknown_items: str = "skip", compare: str | None = None):
+    """The app for one process: load the checkpoint, encode the catalogue, wrap it in :func:`create_app`.
+
+    ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain.
+    """
     import torch
 
     from pmmrec.inference import Recommender
     from pmmrec.serving.app import create_app
+    from pmmrec.serving.explorer import model_name
 
     if threads:
         torch.set_num_threads(threads)
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items)
+    other = None
+    if compare is not None:
+        other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items)
     refusal = None
     if workers > 1:
         refusal = (f"this server runs {workers} worker processes, each with its own copy of the catalogue, which "
                    "additions would make diverge; run `pmmrec serve --workers 1` to add items")
-    return create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal)
+    names = (model_name(checkpoint),) + ((model_name(compare),) if compare is not None else ())
+    return create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal,
+                      compare=other, names=names)
 
 
 def app_from_env():
@@ -46,8 +55,8 @@ def app_from_env():
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, domain: str | None = None,
           threads: int | None = None, persist_items: bool = False, unknown_items: str = "skip",
-          log_level: str = "info") -> None:
-    """Run the service until interrupted."""
+          log_level: str = "info", compare: str | None = None) -> None:
+    """Run the service until interrupted (the explorer page at ``/``; ``compare``: a second checkpoint on it)."""
     _check_server_deps()
     import uvicorn
 
@@ -59,7 +68,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
         log.warning("binding to %s: the service has no authentication; anyone who can reach this address can "
                     "use it%s", host, " and add items" if workers == 1 else "")
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
-               "workers": workers, "unknown_items": unknown_items}
+               "workers": workers, "unknown_items": unknown_items, "compare": compare}
     if workers == 1:
         app = build_app(**options)  # load before binding, so a bad checkpoint fails here with one line
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -68,6 +77,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     from pmmrec.training.checkpoint import load_checkpoint
 
     load_checkpoint(checkpoint)
+    if compare is not None:
+        load_checkpoint(compare)
     os.environ[_ENV] = json.dumps(options)
     uvicorn.run("pmmrec.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
