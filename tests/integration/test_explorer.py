@@ -136,6 +136,13 @@ def test_pick_a_user_and_see_history_next_item_and_both_top_k(browser, server, a
     browser.find_element(By.ID, "random-user").click()
     _wait(browser, lambda d: d.find_element(By.ID, "user-id").text in users)
 
+    browser.set_window_size(390, 900)  # a phone: one column, and nothing wider than the screen
+    try:
+        _wait(browser, lambda d: d.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth"), timeout=5)
+    finally:
+        browser.set_window_size(1280, 1500)
+
 
 def test_add_an_item_and_see_which_users_it_reaches(browser, server, artifacts, tmp_path):
     from selenium.webdriver.common.by import By
