@@ -36,15 +36,14 @@ log = logging.getLogger(__name__)
 # frozen so their outputs are computed once per item; projections, fusion and SASRec train.
 CPU_RECIPE = [
     "text.encoder=minilm", "text.max_tokens=32", "text.trainable_layers=0",
-    "vision.encoder=efficientnet-lite0", "vision.trainable_layers=0",
+    "vision.encoder=efficientnet-lite0", "vision.trainable_layers=0", "vision.image_size=128",
     "model.dim=64", "model.fusion=merged_attention",
     "train.epochs=30", "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=20", "train.patience=5",
     "train.deterministic=true",
 ]
 QUICK = ["train.epochs=8", "train.patience=8"]
-# Pretraining on the sources (thousands of users): larger batches (more in-batch negatives, and fewer distinct
-# items per user to encode), a fixed budget of epochs.
-PRETRAIN = ["train.batch_size=64", "train.epochs=2", "train.patience=2", "train.warmup_steps=40"]
+# Pretraining on the sources (thousands of users): a fixed budget of epochs.
+PRETRAIN = ["train.epochs=3", "train.patience=3", "train.warmup_steps=40"]
 PRETRAIN_QUICK = ["train.epochs=4", "train.patience=4"]
 PRETRAININGS = {  # name -> objectives; "all" is the PMMRec model, the others are the ablation
     "all": ("rec", "nicl", "nid", "rcl"),

@@ -37,7 +37,7 @@ def test_pretraining_logs_every_objective_and_validates_per_domain(pretrained):
     assert set(line["train_terms"]) == {"rec", "nicl", "nid", "rcl"}
     assert all(v > 0 for v in line["train_terms"].values())
     state = load_checkpoint(pretrained)
-    assert {k.split(".")[1] for k in state["model"] if k.startswith("heads.")} == {"nicl_text", "nicl_image", "nid"}
+    assert {k.split(".")[1] for k in state["model"] if k.startswith("heads.")} == {"nicl_text", "nicl_image", "nid", "rcl"}
     ids = state["item_ids"]
     assert all(i.split("/", 1)[0] in SOURCES for i in ids) and len(ids) == len(set(ids)) == 3 * 96
     results = json.loads((run / "results.json").read_text())

@@ -63,6 +63,8 @@ class PMMRec(nn.Module):
             self.heads["nicl_image"] = ContrastiveHead.from_config(dim, config.objectives.nicl)
         if "nid" in use:
             self.heads["nid"] = NoiseClassifier(dim)
+        if "rcl" in use:
+            self.heads["rcl"] = ContrastiveHead(dim, enabled=config.objectives.rcl.head)
 
     # ------------------------------------------------------------------------------------- compact checkpoints
     def _frozen_names(self, prefix: str) -> Iterator[str]:

@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ["rcl_loss"]
 
 
-def rcl_loss(clean: Tensor, corrupted: Tensor, tau: float = 0.1) -> Tensor:
+def rcl_loss(clean: Tensor, corrupted: Tensor, tau: float = 0.5, targets: Tensor | None = None) -> Tensor:
     """L_RCL: symmetric InfoNCE between clean and corrupted user views (our design; PMMRec, ICDE 2024).
 
     For the anchor ``clean_u`` the positive is ``corrupted_u``; the negatives are ``clean_w`` and
@@ -26,7 +26,10 @@ def rcl_loss(clean: Tensor, corrupted: Tensor, tau: float = 0.1) -> Tensor:
     Args:
         clean: ``(B, D)`` user representations (last position) of the clean sequences.
         corrupted: ``(B, D)`` the same for the corrupted sequences; both are l2-normalised here.
-        tau: temperature (``RclConfig.tau``, default 0.1).
+        tau: temperature (``RclConfig.tau``).
+        targets: optional ``(B,)`` next-item ids. Users with the same next item are in the same state as far as
+            L_rec is concerned, so neither view of one is a negative for the other (false negatives would push
+            apart user vectors that next-item prediction needs close).
 
     Returns:
         A scalar. With ``B = 1`` there is no negative and the loss is a zero that keeps the graph.
@@ -45,8 +48,12 @@ def rcl_loss(clean: Tensor, corrupted: Tensor, tau: float = 0.1) -> Tensor:
     views = F.normalize(torch.cat([clean, corrupted], dim=0), dim=-1)  # (2B, D): clean rows, then corrupted
     logits = views @ views.t() / tau  # (2B, 2B)
     # An anchor is not its own candidate; the dtype's min (not -inf) keeps every softmax finite and exact.
-    self_mask = torch.eye(2 * batch, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(self_mask, torch.finfo(logits.dtype).min)
+    excluded = torch.eye(2 * batch, dtype=torch.bool, device=logits.device)  # (2B, 2B)
     rows = torch.arange(2 * batch, device=logits.device)
-    targets = (rows + batch) % (2 * batch)  # (2B,) clean_u <-> corrupted_u
-    return F.cross_entropy(logits, targets)
+    positives = (rows + batch) % (2 * batch)  # (2B,) clean_u <-> corrupted_u
+    if targets is not None:
+        same = targets.reshape(-1).repeat(2)  # (2B,): the next item of each view's user
+        excluded |= same[:, None] == same[None, :]
+        excluded[rows, positives] = False  # the positive itself stays
+    logits = logits.masked_fill(excluded, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, positives)

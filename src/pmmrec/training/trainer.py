@@ -354,7 +354,7 @@ class Trainer:
                 if "rcl" in use:
                     head = self.model.heads["rcl"]
                     parts["rcl"] = rcl_loss(head(states[:, -1]).float(), head(noisy_states[:, -1]).float(),
-                                            cfg.rcl.tau)
+                                            cfg.rcl.tau, batch.items[:, -1] if cfg.rcl.mask_same_target else None)
         return parts
 
     def _rec_loss(self, states: torch.Tensor, item_embs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -39,3 +39,16 @@ def test_heads_are_saved_in_state_dict():
     want = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     assert set(ContrastiveHead(4).state_dict()) == want
     assert set(NoiseClassifier(4).state_dict()) == {"proj.weight", "proj.bias"}
+
+
+def test_model_builds_one_head_per_auxiliary_objective_and_rcl_head_can_be_off():
+    from pmmrec.config import load_config
+    from pmmrec.models.pmmrec import PMMRec
+
+    tiny = ["text.encoder=tiny", "vision.encoder=tiny", "model.dim=8"]
+    model = PMMRec(load_config(None, [*tiny, "objectives.use=[rec, nicl, nid, rcl]"]), num_items=3)
+    assert set(model.heads) == {"nicl_text", "nicl_image", "nid", "rcl"}
+    assert isinstance(model.heads["rcl"].net, torch.nn.Sequential)
+    off = PMMRec(load_config(None, [*tiny, "objectives.use=[rec, rcl]", "objectives.rcl.head=false"]), num_items=3)
+    assert set(off.heads) == {"rcl"} and list(off.heads["rcl"].parameters()) == []
+    assert set(PMMRec(load_config(None, tiny), num_items=3).heads) == set()  # rec alone needs no head

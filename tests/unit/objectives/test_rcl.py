@@ -10,8 +10,9 @@ import torch
 from pmmrec.objectives import rcl_loss
 
 
-def naive_rcl_loss(clean, corrupted, tau=0.1):
-    """Each anchor's positive is the other view of its user; both views of every other user are negatives."""
+def naive_rcl_loss(clean, corrupted, tau=0.1, targets=None):
+    """Each anchor's positive is the other view of its user; both views of every other user are negatives,
+    except (with ``targets``) users with the same next item."""
     clean = torch.nn.functional.normalize(clean, dim=-1)
     corrupted = torch.nn.functional.normalize(corrupted, dim=-1)
     batch = clean.shape[0]
@@ -21,7 +22,7 @@ def naive_rcl_loss(clean, corrupted, tau=0.1):
             pos = torch.exp(anchors[u] @ partners[u] / tau)
             den = pos
             for w in range(batch):
-                if w != u:
+                if w != u and (targets is None or targets[w] != targets[u]):
                     den = den + torch.exp(anchors[u] @ clean[w] / tau)
                     den = den + torch.exp(anchors[u] @ corrupted[w] / tau)
             terms.append(-torch.log(pos / den))
@@ -84,3 +85,17 @@ def test_rejects_bad_input():
         rcl_loss(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(ValueError):
         rcl_loss(torch.randn(3, 4), torch.randn(3, 4), tau=0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_users_with_the_same_next_item_are_not_negatives(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch = 4 + seed
+    clean = torch.randn(batch, 5, generator=gen, dtype=torch.float64)
+    corrupted = clean + 0.3 * torch.randn(batch, 5, generator=gen, dtype=torch.float64)
+    targets = torch.randint(1, 3, (batch,), generator=gen)  # few distinct items: many shared targets
+    got = rcl_loss(clean, corrupted, 0.2, targets)
+    torch.testing.assert_close(got, naive_rcl_loss(clean, corrupted, 0.2, targets), atol=1e-6, rtol=1e-6)
+    distinct = torch.arange(batch)  # all targets differ: the plain loss
+    torch.testing.assert_close(rcl_loss(clean, corrupted, 0.2, distinct), rcl_loss(clean, corrupted, 0.2))
+    assert not torch.isclose(got, rcl_loss(clean, corrupted, 0.2)) or len(set(targets.tolist())) == batch
