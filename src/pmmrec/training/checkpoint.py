@@ -8,11 +8,13 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +58,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _TRAILER = b"\nPMMREC-SHA256:"  # followed by the 64 hex digits of the SHA-256 of everything before it
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the file it replaces: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previous: bool = False) -> None:
     """Write ``state`` atomically, ending with a SHA-256 of the payload so corruption is detected on load.
 
     The checksum lives inside the same file (not beside it), so no crash can pair a new file with an old sum.
+    ``keep_previous``: the file being replaced survives as :func:`previous_path` (a hard link, so ``path``
+    exists at every instant), the fallback when the new file is later found corrupted.
     """
     payload = {"format_version": FORMAT_VERSION, "pmmrec_version": __version__, **state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
+    path = Path(path)
+    if keep_previous and path.is_file():
+        prev = previous_path(path)
+        link = prev.with_name(f".{prev.name}.link.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        try:
+            os.link(path, link)
+        except OSError:  # a filesystem without hard links: copy (atomically) instead
+            shutil.copyfile(path, link)
+        os.replace(link, prev)
     with atomic_file(path, "wb") as f:
         f.write(data)
         f.write(_TRAILER + hashlib.sha256(data).hexdigest().encode("ascii"))
@@ -93,3 +114,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if state["format_version"] > FORMAT_VERSION:
         raise PmmrecError(f"{path}: written by a newer pmmrec (format {state['format_version']}); upgrade pmmrec")
     return state
+
+
+def load_resume_checkpoint(candidates: list[Path],
+                           map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The resume point among a run's checkpoints: the loadable one with the most optimiser updates.
+
+    Every checkpoint of a run holds the complete state at its step (``best.pt`` and ``last.pt`` written at
+    one evaluation are the same state), and training is a deterministic function of that state, so resuming
+    from any of them replays to the same final result; the latest merely replays the least. A candidate that
+    exists but fails its checksum or cannot be read is logged as an error naming the file, and skipped.
+    Ties go to the earlier candidate. None when no candidate exists; a PmmrecError when all that exist are bad.
+    """
+    found, problems = [], []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path, map_location)
+            update = int(state["trainer_state"]["update"])
+        except (PmmrecError, KeyError, TypeError, ValueError) as e:
+            reason = str(e) if isinstance(e, PmmrecError) else f"{path}: no trainer_state.update ({e})"
+            problems.append(reason)
+            log.error("%s; falling back to an earlier checkpoint", reason)
+            continue
+        found.append((update, -len(found), path, state))
+    if found:
+        update, _, path, state = max(found, key=lambda f: (f[0], f[1]))
+        if problems:
+            log.warning("resuming from %s (step %d) instead", path, update)
+        return path, state
+    if problems:
+        raise PmmrecError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
+    return None

@@ -31,6 +31,10 @@ class RunDir:
 
     def create(self, config: Config) -> RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        # A process killed while writing a checkpoint leaves its hidden temporary file (never a torn last.pt,
+        # the write is atomic); nothing reads those, so a new or resumed run clears them.
+        for stale in self.checkpoints.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         dump_config(config, self.path / "config.yaml")
         handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

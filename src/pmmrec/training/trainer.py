@@ -51,7 +51,14 @@ from pmmrec.models.pmmrec import PMMRec
 from pmmrec.objectives import corrupt, log_popularity, next_item_loss, nicl_loss, nid_loss, rcl_loss
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.training import distributed
-from pmmrec.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmmrec.training.checkpoint import (
+    load_checkpoint,
+    load_resume_checkpoint,
+    previous_path,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from pmmrec.training.optim import build_optimizer, build_scheduler
 from pmmrec.training.run_dir import RunDir
 from pmmrec.training.sources import DomainView, load_sources
@@ -221,6 +228,10 @@ class Trainer:
         # Loop state (everything a checkpoint restores).
         self.epoch, self.batch_in_epoch, self.update = 0, 0, 0
         self.best, self.bad_evals, self.best_update = -1.0, 0, 0
+        # This epoch's batch losses and per-objective sums so far: checkpointed, so the train loss logged after a
+        # mid-epoch resume is the whole epoch's mean, as in an uninterrupted run.
+        self.epoch_losses: list[float] = []
+        self.epoch_parts: dict[str, float] = {}
         self.writer = None
 
     # -------------------------------------------------------------------------------------------- checkpoints
@@ -230,7 +241,9 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                  "trainer_state": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                    "update": self.update, "best": self.best, "bad_evals": self.bad_evals,
-                                   "best_update": self.best_update},
+                                   "best_update": self.best_update,
+                                   "epoch_losses": torch.tensor(self.epoch_losses, dtype=torch.float64),
+                                   "epoch_parts": dict(self.epoch_parts)},
                  "config": self.config.to_dict(), "item_ids": list(self.data.split.item_ids)}
         if self.world > 1:
             state["rng_ranks"] = distributed.all_gather_objects(state["rng"])  # rank r resumes from its own
@@ -246,6 +259,8 @@ class Trainer:
         t = state["trainer_state"]
         self.epoch, self.batch_in_epoch, self.update = t["epoch"], t["batch_in_epoch"], t["update"]
         self.best, self.bad_evals, self.best_update = t["best"], t["bad_evals"], t["best_update"]
+        self.epoch_losses = t["epoch_losses"].tolist() if "epoch_losses" in t else []
+        self.epoch_parts = dict(t.get("epoch_parts", {}))
         ranks = state.get("rng_ranks")
         if self.world > 1 and (ranks is None or len(ranks) != self.world):
             log.warning("the checkpoint holds RNG states for %s process(es), this run has %d: every process "
@@ -260,9 +275,10 @@ class Trainer:
             # best.pt first: a crash between the two writes then resumes from the previous last.pt, which redoes
             # this evaluation and rewrites best.pt. The other order could leave last.pt claiming a best.pt that
             # was never written.
+            # last.pt's predecessor stays as last.prev.pt: the resume point if last.pt is ever found corrupted.
             if best:
                 save_checkpoint(self.run.best, state)
-            save_checkpoint(self.run.last, state)
+            save_checkpoint(self.run.last, state, keep_previous=True)
         distributed.barrier()  # nobody reads best.pt (finish) before it exists
 
     # -------------------------------------------------------------------------------------------------- data
@@ -426,13 +442,16 @@ class Trainer:
             atomic_write_text(self.run.path / "transfer.json",
                               json.dumps(self.transfer_report.to_dict(), indent=2) + "\n")
         try:
-            if resume and not self.run.last.is_file():
+            # Any of the run's checkpoints is an exact resume point; a corrupted one is named and skipped.
+            found = load_resume_checkpoint([self.run.last, previous_path(self.run.last), self.run.best]) \
+                if resume else None
+            if resume and found is None:
                 log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
-            if resume and self.run.last.is_file():
-                self.load_state_dict(load_checkpoint(self.run.last))
+            if found is not None:
+                self.load_state_dict(found[1])
                 if main:
                     self.run.truncate_metrics(self.update)
-                log.info("resumed from %s at epoch %d, batch %d, step %d", self.run.last, self.epoch,
+                log.info("resumed from %s at epoch %d, batch %d, step %d", found[0], self.epoch,
                          self.batch_in_epoch, self.update)
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
@@ -450,8 +469,10 @@ class Trainer:
         self.model.train()
         stop = self.update >= self.total_updates
         while not stop and self.epoch < cfg.epochs:
-            losses: list[float] = []
-            part_sums: dict[str, float] = {}  # objective -> sum over this epoch's batches (mean logged)
+            if self.batch_in_epoch == 0:  # a new epoch; a mid-epoch resume keeps the restored sums
+                self.epoch_losses, self.epoch_parts = [], {}
+            losses = self.epoch_losses
+            part_sums = self.epoch_parts  # objective -> sum over this epoch's batches (mean logged)
             bar = tqdm(self.batches(self.epoch, self.batch_in_epoch), desc=f"epoch {self.epoch}",
                        total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False,
                        disable=None if distributed.is_main() else True)
@@ -505,10 +526,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
 
+    def _best_weights(self) -> dict[str, Any]:
+        """best.pt's model; if best.pt is corrupted, the same weights from last.pt/last.prev.pt when one of them
+        was written at the same evaluation (same step), else the checksum error."""
+        try:
+            return load_checkpoint(self.run.best)["model"]
+        except PmmrecError as e:
+            for path in (self.run.last, previous_path(self.run.last)):
+                if path.is_file():
+                    with contextlib.suppress(PmmrecError):
+                        state = load_checkpoint(path)
+                        if state["trainer_state"]["update"] == self.best_update:
+                            log.error("%s; using %s, written at the same step %d", e, path, self.best_update)
+                            return state["model"]
+            raise
+
     def finish(self) -> dict:
         """Evaluate the best checkpoint on validation and test; write results.json."""
         if self.run.best.is_file():
-            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
+            self.model.load_state_dict(self._best_weights())
         started = time.perf_counter()
         item_vecs = self.catalogue()
         results = {"valid": self.evaluate("valid", item_vecs), "test": self.evaluate("test", item_vecs),
