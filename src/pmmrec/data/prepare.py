@@ -516,13 +516,13 @@ class _Planned:
 
 
 def _make_domain(name: str, sub: str | None, idx: np.ndarray, data: _Log, item: np.ndarray, kcore: int,
-                 min_seq_len: int, out: Path) -> _Planned:
+                 min_seq_len: int, out: Path, source: Path) -> _Planned:
     """Filter the rows ``idx`` of one domain, then order them into per-user sequences."""
     rep = DomainReport(name=name, path=str(out / sub) if sub else str(out))
     before = len(np.unique(item[idx]))
     idx = idx[_filter_domain(data.user[idx], item[idx], kcore, min_seq_len, rep.dropped)]
     if not len(idx):
-        raise PmmrecError(f"domain {name!r}: no interactions left after filtering "
+        raise PmmrecError(f"{source}: domain {name!r}: no interactions left after filtering "
                           f"(kcore={kcore}, min_seq_len={min_seq_len})")
     order = idx[np.lexsort((data.time[idx], data.user[idx]))]  # stable, and idx is in file order: ties keep it
     catalogue = np.unique(item[order])
@@ -654,9 +654,13 @@ def prepare_domain(interactions: str | os.PathLike, items: str | os.PathLike, ou
     domains = []
     for name, sub, rows in plan:
         if not rows.any():
-            raise PmmrecError(f"domain {name!r} has no interactions"
-                              + (f" (no item carries {groups[name]})" if groups else ""))
-        domains.append(_make_domain(name, sub, np.flatnonzero(rows), data, item, kcore, min_seq_len, out))
+            example = report.unknown_item_examples[:1]
+            why = (f" (no item carries {groups[name]})" if groups else
+                   f": none of its {report.rows_read:,} row(s) names a usable item of {items_path}"
+                   + (f" (unknown items, e.g. {example[0]})" if example else ""))
+            raise PmmrecError(f"{interactions}: domain {name!r} has no interactions{why}")
+        domains.append(_make_domain(name, sub, np.flatnonzero(rows), data, item, kcore, min_seq_len, out,
+                                    interactions))
         report.domains.append(domains[-1].report)
 
     stems = _image_stems(image_dir) if image_dir is not None else set()
