@@ -70,6 +70,8 @@ def cmd_data_build_images(args: argparse.Namespace) -> None:
 
     report = build_image_db(args.image_dir, args.out, overwrite=args.overwrite, workers=args.workers,
                             resize=args.resize)
+    if args.report:
+        report.write_report(args.report)
     print(report.summary())
 
 
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the LMDB folder to create")
     p.add_argument("--workers", type=int, default=None, help="decode/validate processes (default: all cores)")
     p.add_argument("--resize", type=int, default=None, help="store re-encoded with the longer side <= PX")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report listing every bad, duplicated and "
+                   "unused file with its reason (the log names the first five)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = add(dsub, "stats", "print users / items / interactions / density / sequence lengths of a domain",

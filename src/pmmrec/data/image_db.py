@@ -291,7 +291,7 @@ def build_image_db(image_dir: str | os.PathLike, out: str | os.PathLike, *, over
     for path, reason in report.bad[:5]:
         log.warning("bad image %s: %s", path, reason)
     if len(report.bad) > 5:
-        log.warning("... and %d more bad images (see the report)", len(report.bad) - 5)
+        log.warning("... and %d more bad images (build-images --report FILE lists them all)", len(report.bad) - 5)
     for item_id, paths in report.duplicates[:5]:
         log.warning("item %r has several images, none stored: %s", item_id, ", ".join(paths))
     return report
