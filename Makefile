@@ -1,5 +1,6 @@
 # pmmrec: the two commands of the README, plus lint.
 #   make demo   set up .venv (if absent), then synthesise the built-in world and run the demo
+#               (ARGS=--quick: a tiny world in about a minute; ARGS=--no-ablation: skip the two ablation pretrainings)
 #   make test   set up .venv (if absent), then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pmmrec demo --out runs/demo
+	$(BIN)/pmmrec demo --out runs/demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
