@@ -129,9 +129,7 @@ class ObjectivesConfig:
     use: list[Objective] = field(default_factory=lambda: ["rec"])  # pretraining sets all four
     weights: dict[str, float] = field(
         default_factory=lambda: {"rec": 1.0, "nicl": 0.4, "nid": 0.2, "rcl": 0.2})  # our design (DESIGN §5)
-    negatives: Literal["in_batch", "sampled"] = "in_batch"  # next-item loss candidates (ref: in-batch)
-    num_sampled: int = 1024  # negatives per step when negatives = sampled
-    logq: bool = True  # popularity (logQ) correction of in-batch logits (ref code)
+    logq: bool = True  # popularity (logQ) correction of in-batch logits (ref code); false = plain in-batch softmax
     nicl: NiclConfig = field(default_factory=NiclConfig)
     nid: NidConfig = field(default_factory=NidConfig)
     rcl: RclConfig = field(default_factory=RclConfig)

@@ -128,3 +128,14 @@ def test_early_stopping_and_gradient_accumulation(quick_world, tmp_path):
     # 60 users, batch 16 -> 4 batches an epoch; accumulating 2 makes 2 optimiser steps an epoch.
     config = _config(quick_world, tmp_path / "accum", "train.epochs=2", "train.grad_accum=2", "model.fusion=sum")
     assert Trainer(config).fit()["steps"] == 4
+
+
+def test_logq_switch_changes_the_loss(tmp_path, tiny_domain):
+    common = [f"data.domain={tiny_domain}", "train.max_steps=1", "model.modality=text"]
+    with_q = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'a'}"]))
+    without = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'b'}", "objectives.logq=false"]))
+    assert with_q.log_pop is not None and without.log_pop is None
+    batch = next(iter(with_q.batches(0, 0)))
+    a, _ = with_q.loss(batch)
+    b, _ = without.loss(batch)
+    assert not torch.isclose(a, b)

@@ -202,7 +202,7 @@ class Trainer:
                                   progress=distributed.is_main())
         valid, test = eval_splits(split, config.data.max_seq_len)
         self.data = TrainData(split, store, TrainWindows(split.train, config.data.max_seq_len), valid, test)
-        self.log_pop = log_popularity(split.train_counts).to(self.device)
+        self.log_pop = log_popularity(split.train_counts).to(self.device) if config.objectives.logq else None
         cfg = config.train
         self.steps_per_epoch = len(self.batch_plan(0))  # batches per epoch (the same every epoch)
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum)
