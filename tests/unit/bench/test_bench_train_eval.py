@@ -27,3 +27,7 @@ def test_bench_eval_quick_writes_ratio_to_floor(tmp_path):
     case = result["cases"][0]
     assert result["ratio_to_floor"] == case["ratio_to_floor"] > 0
     assert case["ours"]["users_per_s"] > 0 and case["floor"]["users_per_s"] > 0 and result["peak_rss_mb"] > 0
+    # The floor is the faster of its two forms, and the ratio is taken against it.
+    fastest = min(case["floor_whole"]["seconds"], case["floor_chunked"]["seconds"])
+    assert case["floor"]["seconds"] == fastest and case["floor"]["form"] in ("floor_whole", "floor_chunked")
+    assert case["ratio_to_floor"] == round(case["ours"]["seconds"] / fastest, 3)
