@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from pmmrec import __version__
 from pmmrec.errors import NotImplementedYet, PmmrecError
+from pmmrec.utils.malloc import tune_malloc
 
 log = logging.getLogger("pmmrec")
 
@@ -121,17 +121,6 @@ def cmd_config_show(args: argparse.Namespace) -> None:
     from pmmrec.config import config_to_yaml, load_config
 
     print(config_to_yaml(load_config(args.config, args.overrides)), end="")
-
-
-def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        if getattr(args, "config", None) is not None or getattr(args, "overrides", None):
-            from pmmrec.config import load_config
-
-            load_config(args.config, args.overrides)  # a typo in the config is still reported first
-        raise NotImplementedYet(f"`pmmrec {what}` is not implemented yet (planned: {issue})")
-
-    return run
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -527,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    tune_malloc()  # freed tensors' memory is reused, not faulted in again every step (pmmrec.utils.malloc)
     try:
         args.func(args)
     except PmmrecError as e:

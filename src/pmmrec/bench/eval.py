@@ -33,6 +33,7 @@ from pmmrec.bench.measure import PeakMemory, timed
 from pmmrec.evaluation.ranking import evaluate_rankings, topk_items
 from pmmrec.training.trainer import resolve_device
 from pmmrec.utils.io import atomic_write_text
+from pmmrec.utils.malloc import malloc_tuned
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def run(args) -> dict:
     cases = [_case(*case, device) for case in (QUICK if quick else FULL)]
     headline = cases[-1]
     result = {"benchmark": "eval", "quick": quick, "device": str(device), "torch_threads": torch.get_num_threads(),
-              "platform": platform.platform(), "user_chunk": USER_CHUNK, "item_chunk": ITEM_CHUNK,
+              "malloc_tuned": malloc_tuned(), "platform": platform.platform(), "user_chunk": USER_CHUNK,
+              "item_chunk": ITEM_CHUNK,
               "history": HISTORY, "k": K, "cases": cases,
               "ratio_to_floor": headline["ratio_to_floor"],
               "users_per_s": headline["ours"]["users_per_s"],

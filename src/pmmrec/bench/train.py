@@ -38,6 +38,7 @@ from pmmrec.data.datasets import WindowCollator
 from pmmrec.data.synth import SynthConfig, synthesize_world
 from pmmrec.training.trainer import Trainer, resolve_device
 from pmmrec.utils.io import atomic_write_text
+from pmmrec.utils.malloc import malloc_tuned
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def run(args) -> dict:
     config = trainer.config
     result = {
         "benchmark": "train", "quick": quick, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned(),
         "platform": platform.platform(),
         "config": {"text": config.text.encoder, "vision": config.vision.encoder,
                    "text_trainable_layers": config.text.trainable_layers,

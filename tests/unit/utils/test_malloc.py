@@ -1,0 +1,53 @@
+"""glibc malloc tuning: freed tensor memory is reused instead of being faulted in again (pmmrec.utils.malloc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import json, resource, sys
+import torch
+from pmmrec.utils.malloc import tune_malloc
+applied = tune_malloc()
+def steps(n):  # what a training step does: allocate and fill large activations, then free them
+    for _ in range(n):
+        x = torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB
+        del x
+steps(10)  # warm-up: the heap grows to its working size
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps(20)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(json.dumps({"applied": applied, "faults": after - before}))
+"""
+
+
+def _probe(tuning: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PMMREC_MALLOC_TUNING"] = tuning
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_tuned_malloc_reuses_freed_memory():
+    plain, tuned = _probe("0"), _probe("1")
+    assert plain["applied"] is False and tuned["applied"] is True
+    # Untuned, each 64 MiB block is a fresh mmap: ~16k page faults per allocation. Tuned, once warm, almost none.
+    assert plain["faults"] > 100_000
+    assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
+
+
+def test_user_allocator_settings_are_left_alone(monkeypatch):
+    from pmmrec.utils.malloc import tune_malloc
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert tune_malloc() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("PMMREC_MALLOC_TUNING", "0")
+    assert tune_malloc() is False
