@@ -465,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (default 1; with more, POST /items is refused: each holds its own "
                         "catalogue)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per scoring batch (default 1: concurrent requests are scored in batches, "
+                        "one batch per core at a time)")
     p.add_argument("--domain", help=domain_help)
     p.add_argument("--persist-items", action="store_true",
                    help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")

@@ -81,5 +81,8 @@ def test_bench_serve_quick_writes_the_contract(tmp_path):
     assert result["benchmark"] == "serve" and result["catalogue"]["synthetic"] is True
     assert result["errors"] == 0 and result["requests"] == 300 and result["throughput_rps"] > 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["client"] == "aiohttp" and result["batch_concurrency"] >= 1
+    if result["server_cpu_s"] is not None:  # Linux: the server did the work, the client sent the requests
+        assert result["server_cpu_s"] > 0 and result["client_cpu_s"] > 0
     if result["faiss"] is not None:
         assert 0.0 <= result["faiss"]["recall@10"] <= 1.0

@@ -4,8 +4,11 @@ The service runs in its own process on loopback with a large catalogue (default 
 is **synthetic**: random item vectors (an ID embedding table) and a randomly initialised SASRec user encoder of
 the CPU recipe's size. Serving cost does not depend on the values of trained weights, only on the catalogue
 size, the vector dimension and the user encoder's shape, so this measures what a trained model would cost.
-``clients`` concurrent httpx async clients (one connection each) then send a fixed number of requests (random
-histories, k = 10) as fast as answers come back; every latency is measured on the client side.
+The server is set up as ``pmmrec serve`` sets it up (one torch thread per scoring batch, one batch per core at a
+time, the heap frozen for the garbage collector, uvloop and httptools when installed). ``clients`` concurrent
+aiohttp clients (one keep-alive connection each, on uvloop when installed) then send a fixed number of requests
+(random histories, k = 10) as fast as answers come back; every latency is measured on the client side, so it
+includes the client's own time, on the same cores as the server.
 
 With faiss installed, the JSON also reports an HNSW index's recall@10 against the exact top-10 on the same
 vectors (what an approximate index for very large catalogues would give up).
@@ -20,6 +23,7 @@ import multiprocessing
 import os
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +59,43 @@ def synthetic_recommender(num_items: int, dim: int = DIM, seed: int = 0):
 
 
 def _serve(port: int, num_items: int, threads: int, ready) -> None:
-    """Child process: build the synthetic recommender and serve it until terminated."""
+    """Child process: build the synthetic recommender and serve it as ``pmmrec serve`` would, until terminated."""
     import torch
     import uvicorn
 
     from pmmrec.serving.app import create_app
+    from pmmrec.serving.server import batch_concurrency, freeze_heap
+    from pmmrec.utils.malloc import tune_malloc
 
+    tune_malloc()  # what the pmmrec command does at start
+    recommender = synthetic_recommender(num_items)
     torch.set_num_threads(threads)
-    app = create_app(synthetic_recommender(num_items))
+    app = create_app(recommender, batch_concurrency=batch_concurrency(threads))
+    freeze_heap()
     ready.set()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _concurrency(threads: int) -> int:
+    from pmmrec.serving.server import batch_concurrency
+
+    return batch_concurrency(threads)
+
+
+def _installed(module: str) -> str | None:
+    """``module`` when it can be imported (uvicorn then uses it), else None."""
+    import importlib.util
+
+    return module if importlib.util.find_spec(module) is not None else None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _free_port() -> int:
@@ -75,7 +106,7 @@ def _free_port() -> int:
 
 async def _drive(url: str, num_items: int, clients: int, requests: int, seed: int) -> tuple[list[float], int]:
     """``clients`` workers, each with its own connection, share ``requests`` requests; returns latencies (s)."""
-    import httpx
+    import aiohttp
 
     rng = np.random.default_rng(seed)
     bodies = [json.dumps({"history": [f"i{n}" for n in rng.integers(1, num_items + 1, size=int(length))],
@@ -84,33 +115,49 @@ async def _drive(url: str, num_items: int, clients: int, requests: int, seed: in
     queue = list(range(requests))
     latencies: list[float] = []
     errors = 0
+    headers = {"content-type": "application/json"}
 
-    async def worker() -> None:
+    async def worker(session) -> None:
         nonlocal errors
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-            while queue:
-                body = bodies[queue.pop()]
-                started = time.perf_counter()
-                r = await client.post("/recommend", content=body, headers={"content-type": "application/json"})
+        while queue:
+            body = bodies[queue.pop()]
+            started = time.perf_counter()
+            async with session.post(f"{url}/recommend", data=body, headers=headers) as r:
+                await r.read()
                 latencies.append(time.perf_counter() - started)
-                errors += r.status_code != 200
+                errors += r.status != 200
 
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    # One keep-alive connection per client (the pool holds `clients` of them).
+    connector = aiohttp.TCPConnector(limit=clients, limit_per_host=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
     return latencies, errors
 
 
-def _wait_ready(url: str, process, timeout: float = 300.0) -> None:
-    import httpx
+def _run_client(coroutine):
+    """Run the load generator on uvloop when it is installed (a cheaper client leaves more CPU to the server)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
 
+
+def _get_json(url: str, timeout: float) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_ready(url: str, process, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.is_alive():
             raise PmmrecError("the benchmark's server process died while starting")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if _get_json(f"{url}/health", timeout=2).get("status") == "ok":
                 return
-        except httpx.TransportError:
+        except OSError:  # not listening yet
             pass
         time.sleep(0.2)
     raise PmmrecError(f"the benchmark's server did not answer within {timeout:.0f} s")
@@ -150,15 +197,14 @@ def faiss_recall(num_items: int, queries: int = 200, k: int = K, seed: int = 0) 
 def run(args) -> dict:
     sizes = QUICK if getattr(args, "quick", False) else FULL
     try:
-        import httpx  # noqa: F401
+        import aiohttp  # noqa: F401
+        import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise PmmrecError("pmmrec bench serve needs FastAPI, uvicorn and httpx: pip install 'pmmrec[serve]'") from None
+        raise PmmrecError("pmmrec bench serve needs FastAPI, uvicorn and aiohttp: pip install 'pmmrec[serve]'") from None
     out = Path(args.out or "bench-serve.json")
-    for name in ("httpx", "httpcore"):  # one INFO line per request would load the client, and flood the terminal
-        logging.getLogger(name).setLevel(logging.WARNING)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = 1  # one torch thread: concurrency comes from requests in parallel, not from splitting one product
+    threads = 1  # pmmrec serve's default: one torch thread per batch, batches side by side
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -170,13 +216,15 @@ def run(args) -> dict:
         _wait_ready(url, process)
         log.info("bench serve: %d items, %d clients, %d requests", sizes["items"], sizes["clients"],
                  sizes["requests"])
-        asyncio.run(_drive(url, sizes["items"], sizes["clients"], sizes["warmup"], seed=1))
+        _run_client(_drive(url, sizes["items"], sizes["clients"], sizes["warmup"], seed=1))
+        server_cpu, client_cpu = _cpu_seconds(process.pid), _cpu_seconds(os.getpid())
         started = time.perf_counter()
-        latencies, errors = asyncio.run(_drive(url, sizes["items"], sizes["clients"], sizes["requests"], seed=2))
+        latencies, errors = _run_client(_drive(url, sizes["items"], sizes["clients"], sizes["requests"], seed=2))
         seconds = time.perf_counter() - started
-        import httpx
-
-        server = httpx.get(f"{url}/metrics", timeout=10).json()["routes"].get("/recommend", {})
+        server_cpu, client_cpu = (None if a is None or b is None else round(b - a, 2)
+                                  for a, b in ((server_cpu, _cpu_seconds(process.pid)),
+                                               (client_cpu, _cpu_seconds(os.getpid()))))
+        server = _get_json(f"{url}/metrics", timeout=10)["routes"].get("/recommend", {})
     finally:
         process.terminate()
         process.join(10)
@@ -194,7 +242,9 @@ def run(args) -> dict:
         "mean_ms": round(float(ms.mean()), 2), "max_ms": round(float(ms.max()), 2),
         "server_side": {k: server.get(k) for k in ("p50_ms", "p95_ms", "p99_ms")},
         "target_p99_ms": TARGET_P99_MS, "meets_target": p99 < TARGET_P99_MS,
-        "cpu_cores": cores, "torch_threads": threads,
+        "cpu_cores": cores, "torch_threads": threads, "batch_concurrency": _concurrency(threads),
+        "server_loop": _installed("uvloop") or "asyncio", "server_http": _installed("httptools") or "h11",
+        "client": "aiohttp", "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
         # Other processes on the machine slow both sides down: the load average says how busy it was.
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "client_and_server": "same machine (the load generator competes with the server for the same cores)",

@@ -32,9 +32,10 @@ from pmmrec.errors import DataError, PmmrecError
 from pmmrec.inference import NewItem, Recommender
 from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.recommender import CannotAddItemsError
-from pmmrec.serving.batching import RecommendBatcher
+from pmmrec.serving.batching import CONCURRENCY, MAX_BATCH, RecommendBatcher
 from pmmrec.serving.explorer import Explorer
 from pmmrec.serving.explorer_api import add_explorer_routes
+from pmmrec.serving.fastpath import RecommendFastPath
 from pmmrec.serving.metrics import GuardMiddleware, Metrics
 from pmmrec.serving.schemas import (
     AddItemsResponse,
@@ -54,7 +55,8 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 422)}
 
 def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *, persist_items: bool = False,
                add_items: bool = True, add_items_refusal: str | None = None, compare: Recommender | None = None,
-               names: tuple[str, ...] | None = None) -> FastAPI:
+               names: tuple[str, ...] | None = None, max_batch: int = MAX_BATCH,
+               batch_concurrency: int = CONCURRENCY) -> FastAPI:
     """The service's app over ``recommender``.
 
     ``compare`` is a second model shown side by side on the explorer page (same catalogue domain); items added
@@ -63,6 +65,9 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     ``persist_items`` writes every item added through ``POST /items`` into the catalogue's domain folder.
     ``add_items=False`` answers ``POST /items`` with 409 and ``add_items_refusal`` as the reason (e.g. when
     several worker processes each hold their own catalogue, which additions would make diverge).
+
+    ``max_batch`` and ``batch_concurrency``: concurrent ``POST /recommend`` requests are scored in batches of up
+    to ``max_batch``, ``batch_concurrency`` batches at a time (:mod:`pmmrec.serving.batching`).
     """
     limits = limits or ServiceLimits()
     RecommendRequest, AddItemsRequest = schemas(limits)
@@ -74,9 +79,8 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     app.state.limits = limits
     app.state.can_add_items = add_items
     app.state.metrics = metrics
-    batcher = RecommendBatcher(recommender)
+    batcher = RecommendBatcher(recommender, max_batch, batch_concurrency)
     app.state.batcher = batcher
-    app.add_middleware(GuardMiddleware, metrics=metrics, max_body_bytes=limits.max_body_bytes)
     app.router.add_event_handler("shutdown", batcher.close)
 
     @app.exception_handler(RequestValidationError)
@@ -88,16 +92,26 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
 
     @app.exception_handler(PmmrecError)
     async def user_error(request: Request, exc: PmmrecError) -> JSONResponse:
-        code = 409 if isinstance(exc, (DuplicateItemsError, CannotAddItemsError)) else 422
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": str(exc)}, status_code=_error_status(exc))
+
+    async def answer(body) -> dict:
+        # Concurrent requests are scored together, in worker threads (see pmmrec.serving.batching).
+        result = await batcher.recommend(body.history, body.k, body.exclude_history, body.unknown_items)
+        return {"items": [{"item_id": r.item_id, "score": r.score} for r in result.items],
+                "unknown": result.unknown, "used": result.used}
 
     @app.post("/recommend", response_model=RecommendResponse, responses=_ERRORS,
               summary="top-K next items for a history of raw item ids")
     async def recommend(body: RecommendRequest) -> RecommendResponse:
-        # Concurrent requests are scored together, in a worker thread (see pmmrec.serving.batching).
-        result = await batcher.recommend(body.history, body.k, body.exclude_history, body.unknown_items)
-        return RecommendResponse(items=[{"item_id": r.item_id, "score": r.score} for r in result.items],
-                                 unknown=result.unknown, used=result.used)
+        # Well-formed JSON requests are answered by RecommendFastPath with the same `answer`; this route answers
+        # the rest (other content types, and every invalid body, so that its errors are FastAPI's own).
+        return RecommendResponse(**await answer(body))
+
+    route = next(r for r in app.routes if getattr(r, "path", None) == "/recommend")
+    app.add_middleware(RecommendFastPath, path="/recommend", model=RecommendRequest, answer=answer,
+                       error_status=_error_status, route=route)
+    # Added last, so outermost: it times every request (fast path included) and limits every body.
+    app.add_middleware(GuardMiddleware, metrics=metrics, max_body_bytes=limits.max_body_bytes)
 
     @app.post("/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS,
               summary="add new items (title and/or base64 image); recommendable at once")
@@ -135,6 +149,11 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
 
     add_explorer_routes(app, Explorer.build(recommender, compare, names), limits)
     return app
+
+
+def _error_status(exc: PmmrecError) -> int:
+    """409 for a conflict with the catalogue, 422 for any other bad request."""
+    return 409 if isinstance(exc, (DuplicateItemsError, CannotAddItemsError)) else 422
 
 
 def _image_bytes(item_id: str, text: str | None, limits: ServiceLimits) -> bytes | None:

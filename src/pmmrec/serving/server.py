@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -33,19 +34,37 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     from pmmrec.serving.app import create_app
     from pmmrec.serving.explorer import model_name
 
-    if threads:
-        torch.set_num_threads(threads)
+    # Loading encodes the catalogue: with all of torch's threads. Serving then scores batches side by side.
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items)
     other = None
     if compare is not None:
         other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items)
+    threads = threads or 1
+    torch.set_num_threads(threads)
     refusal = None
     if workers > 1:
         refusal = (f"this server runs {workers} worker processes, each with its own copy of the catalogue, which "
                    "additions would make diverge; run `pmmrec serve --workers 1` to add items")
     names = (model_name(checkpoint),) + ((model_name(compare),) if compare is not None else ())
-    return create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal,
-                      compare=other, names=names)
+    app = create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal,
+                     compare=other, names=names, batch_concurrency=batch_concurrency(threads, workers))
+    freeze_heap()
+    return app
+
+
+def batch_concurrency(threads: int, workers: int = 1) -> int:
+    """Batches scored at once per process: one per core left to it at ``threads`` torch threads each (1..8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, threads * workers)))
+
+
+def freeze_heap() -> None:
+    """Move everything allocated so far (the model, the catalogue, the libraries) out of the garbage collector's
+    sight. A full collection otherwise walks all of it: measured with 100,000 items, a ~150 ms pause every ~1.2 s
+    under load, which stalled every request in flight (p99 4x the p50). Objects frozen here are still freed by
+    reference counting; only cycles among them are never collected."""
+    gc.collect()
+    gc.freeze()
 
 
 def app_from_env():

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -92,6 +93,27 @@ def test_recommend(client, recommender):
     assert body["unknown"] == ["unknown"] and body["used"] == 3
     r = client.post("/recommend", json={"history": history, "k": 20, "exclude_history": False})
     assert r.status_code == 200 and len(r.json()["items"]) == 20
+
+
+def test_fast_path_answers_like_the_route(client, recommender, monkeypatch):
+    """application/json requests are answered by RecommendFastPath, other JSON types by the FastAPI route: the
+    same answers (success and errors), both counted under /recommend."""
+    import pmmrec.serving.app as app_module
+
+    built = []
+    real = app_module.RecommendResponse
+    monkeypatch.setattr(app_module, "RecommendResponse", lambda **kw: built.append(kw) or real(**kw))
+    ids = recommender.catalogue.snapshot().ids
+    before = client.get("/metrics").json()["routes"]["/recommend"]["count"]
+    bodies = [{"history": [*ids[:4], "unknown"], "k": 7}, {"history": ids[2:5], "k": 3, "exclude_history": False},
+              {"history": ["nope"]}, {"history": [ids[0], "nope"], "unknown_items": "reject"}]
+    for body in bodies:
+        data = json.dumps(body).encode()
+        fast = client.post("/recommend", content=data, headers={"content-type": "application/json; charset=utf-8"})
+        routed = client.post("/recommend", content=data, headers={"content-type": "application/x-test+json"})
+        assert (fast.status_code, fast.json()) == (routed.status_code, routed.json()), body
+    assert len(built) == 2  # the route built the two successful answers; the fast path built none
+    assert client.get("/metrics").json()["routes"]["/recommend"]["count"] == before + 2 * len(bodies)
 
 
 def test_add_get_and_recommend_a_new_item(client, recommender):
