@@ -39,11 +39,13 @@ from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import topk_items
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.persist import persist_items
+from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
+SHORTLIST_MIN_ITEMS = 20_000  # smaller catalogues are scored in float32 directly: a few ms either way
 
 UnknownItems = Literal["skip", "reject"]
 
@@ -93,7 +95,10 @@ class Recommender:
     """A trained model plus an item catalogue; thread-safe (many recommending threads, items added at any time)."""
 
     def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
-                 device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip"):
+                 device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
+                 shortlist: bool | None = None):
+        """``shortlist``: score large catalogues with a certified bfloat16 first pass
+        (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster."""
         if unknown_items not in ("skip", "reject"):
             raise PmmrecError(f"unknown_items must be 'skip' or 'reject', got {unknown_items!r}")
         self.model = model.eval()
@@ -108,6 +113,8 @@ class Recommender:
         self._tokenizer = tokenizer_dir(config.text.encoder) if encoder.uses_text else None
         self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
+        self.shortlist = shortlist
+        self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -243,7 +250,11 @@ class Recommender:
             users = self._user_vectors(snap, [p[1] for p in parsed])  # (U, D)
             width = min(max(p[3] for p in parsed), snap.count)
             exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
-            scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)  # (U, width)
+            scorer = self._shortlist_scorer(snap)
+            if scorer is not None:
+                scores, items = scorer.topk(users, width, exclude)  # (U, width)
+            else:
+                scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)
             scores, items = scores.cpu().tolist(), items.cpu().tolist()
             for row, (i, numbers, unknown, k, _) in enumerate(parsed):
                 # Slots past the candidates left (fewer than k) hold item 0: padding, dropped.
@@ -251,6 +262,21 @@ class Recommender:
                                                                            strict=True) if n > 0]
                 out[i] = RecommendResult(recs, unknown, min(len(numbers), self.max_seq_len))
         return out
+
+    def _shortlist_scorer(self, snap: Snapshot) -> ShortlistScorer | None:
+        """The bfloat16-shortlist scorer of ``snap``'s vectors, when it is worth using (built once per snapshot)."""
+        if snap.count < SHORTLIST_MIN_ITEMS or self.device.type != "cpu":
+            return None
+        if self.shortlist is None:
+            self.shortlist = bf16_pays(snap.buffer.shape[1])
+        if not self.shortlist:
+            return None
+        cached = self._scorer
+        if cached is not None and cached[0] is snap.buffer and cached[1] == snap.count:
+            return cached[2]
+        scorer = ShortlistScorer(snap.vectors)
+        self._scorer = (snap.buffer, snap.count, scorer)  # one assignment: concurrent readers see old or new
+        return scorer
 
     @staticmethod
     def _warn(unknown: list[str]) -> None:
