@@ -8,6 +8,9 @@ case the benchmark times, in the same run and on the same tensors:
   item_chunk`` blocks so that memory stays bounded whatever the catalogue size;
 - **recommend**: :func:`pmmrec.evaluation.ranking.topk_items`, the running top-K over item chunks with the
   history excluded (what recommending runs);
+- **recommend_shortlist** (CPU): the same top-K through :class:`pmmrec.inference.scoring.ShortlistScorer`, the
+  certified bfloat16 shortlist the Recommender uses where bfloat16 products are faster (``bf16_faster``), with
+  the number of users its certificate sent back to the float32 path;
 - **floor**: the bare torch operation with no history, no target and no metrics, in whichever of two forms
   is faster on this machine: ``(users @ items.T).topk(K)`` per user chunk over the whole catalogue
   (``floor_whole``), or the same per ``user_chunk x item_chunk`` block without merging the blocks' top-K
@@ -31,6 +34,7 @@ import torch
 
 from pmmrec.bench.measure import PeakMemory, timed
 from pmmrec.evaluation.ranking import evaluate_rankings, topk_items
+from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
 from pmmrec.training.trainer import resolve_device
 from pmmrec.utils.io import atomic_write_text
 from pmmrec.utils.malloc import malloc_tuned
@@ -77,6 +81,14 @@ def _case(num_items: int, num_users: int, dim: int, device: torch.device) -> dic
         _, seconds = timed(lambda: topk_items(users, items, K, exclude=histories, user_chunk=USER_CHUNK,
                                               item_chunk=ITEM_CHUNK), device)
     out["recommend"] = {"seconds": round(seconds, 3), "users_per_s": round(num_users / seconds, 1), **mem.to_dict()}
+    if device.type == "cpu":  # what the Recommender runs on a CPU where bfloat16 products pay
+        gc.collect()
+        with PeakMemory(device) as mem:
+            scorer, build_s = timed(lambda: ShortlistScorer(items), device)
+            _, seconds = timed(lambda: scorer.topk(users, K, histories), device)
+        out["recommend_shortlist"] = {"seconds": round(seconds, 3), "users_per_s": round(num_users / seconds, 1),
+                                      "build_s": round(build_s, 3), "fallback_users": scorer.fallbacks,
+                                      "bf16_faster": bf16_pays(items.shape[1]), **mem.to_dict()}
     gc.collect()
     for name, chunk in (("floor_whole", None), ("floor_chunked", ITEM_CHUNK)):
         gc.collect()
@@ -87,6 +99,9 @@ def _case(num_items: int, num_users: int, dim: int, device: torch.device) -> dic
     out["floor"].update(out[out["floor"]["form"]])
     out["ratio_to_floor"] = round(out["ours"]["seconds"] / out["floor"]["seconds"], 3)
     out["recommend_ratio_to_floor"] = round(out["recommend"]["seconds"] / out["floor"]["seconds"], 3)
+    if "recommend_shortlist" in out:
+        out["recommend_shortlist_ratio_to_floor"] = round(out["recommend_shortlist"]["seconds"]
+                                                          / out["floor"]["seconds"], 3)
     out["input_mb"] = round((items.numel() + users.numel()) * 4 / 2**20, 1)
     log.info("bench eval %d items x %d users (dim %d): ours %.0f users/s, floor %.0f users/s, ratio %.2f, "
              "peak RSS %.0f MB", num_items, num_users, dim, out["ours"]["users_per_s"], out["floor"]["users_per_s"],

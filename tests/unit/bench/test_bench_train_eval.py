@@ -31,3 +31,6 @@ def test_bench_eval_quick_writes_ratio_to_floor(tmp_path):
     fastest = min(case["floor_whole"]["seconds"], case["floor_chunked"]["seconds"])
     assert case["floor"]["seconds"] == fastest and case["floor"]["form"] in ("floor_whole", "floor_chunked")
     assert case["ratio_to_floor"] == round(case["ours"]["seconds"] / fastest, 3)
+    if result["device"] == "cpu":
+        shortlist = case["recommend_shortlist"]
+        assert shortlist["users_per_s"] > 0 and 0 <= shortlist["fallback_users"] <= case["users"]

@@ -110,3 +110,28 @@ def test_recommender_uses_the_shortlist_on_large_catalogues_with_the_same_answer
     rec.shortlist = False
     exact = rec.recommend_batch(requests)
     assert [[r.item_id for r in a.items] for a in fast] == [[r.item_id for r in b.items] for b in exact]
+
+
+def test_recommender_drops_a_shortlist_that_does_not_pay(monkeypatch):
+    import pmmrec.inference.scoring as scoring
+    from pmmrec.bench.serve import synthetic_recommender
+    from pmmrec.inference.recommender import SHORTLIST_MIN_ITEMS
+
+    monkeypatch.setattr(scoring, "ERROR_FACTOR", 1.0)  # a bound so wide that no certificate holds
+    rec = synthetic_recommender(SHORTLIST_MIN_ITEMS + 10, dim=8)
+    rec.shortlist = True
+    requests = [([f"i{n}"], 5, True, None) for n in range(1, 301)]
+    first = rec.recommend_batch(requests)  # answered (by the float32 fallback), and counted
+    assert rec._scorer[2].fallbacks == 300 and rec.shortlist is True
+    second = rec.recommend_batch(requests[:3])
+    assert rec.shortlist is False and rec._scorer is None  # float32 from now on
+    assert [r.item_id for r in first[0].items] == [r.item_id for r in second[0].items]
+
+
+def test_a_scorer_whose_certificate_keeps_failing_stops_paying():
+    vectors, users, gen = catalogue(items=3000, users=300)
+    scorer = ShortlistScorer(vectors)
+    scorer.topk(users, 10)
+    assert scorer.users == 300 and scorer.pays
+    scorer.fallbacks = 61  # over a fifth
+    assert not scorer.pays
