@@ -28,6 +28,30 @@ def test_parameter_groups_split_encoder_and_decay():
     assert [p.shape for p in groups["encoder"]["params"]] == [torch.Size([4, 4])]
     assert len(groups["encoder/no_decay"]["params"]) == 3
     assert sum(len(g["params"]) for g in opt.param_groups) == 8  # frozen parameters are left out
+    assert opt.defaults["fused"] is True  # CPU float32 parameters: the one-kernel AdamW
+
+
+def test_fused_adamw_takes_the_same_step_as_the_default():
+    torch.manual_seed(0)
+    fused, plain = Toy(), Toy()
+    plain.load_state_dict(fused.state_dict())
+    cfg = TrainConfig(lr=1e-2, encoder_lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(fused, cfg)
+    # The same groups over `plain`'s parameters, with the default (per-tensor, unfused) implementation.
+    names = {id(q): n for n, q in fused.named_parameters()}
+    plain_params = dict(plain.named_parameters())
+    groups = [{"params": [plain_params[names[id(q)]] for q in g["params"]], "lr": g["lr"],
+               "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    ref = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=False, foreach=False)
+    assert not any(g["fused"] for g in ref.param_groups)
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for model, o in ((fused, opt), (plain, ref)):
+            o.zero_grad()
+            model.user_encoder(model.item_encoder.text_proj(model.item_encoder.text(x))).pow(2).sum().backward()
+            o.step()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_schedule_warms_up_then_decays_per_step():
