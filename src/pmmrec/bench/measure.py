@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from pmmrec.utils.malloc import release_memory
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -39,6 +41,7 @@ class PeakMemory:
             self.peak_rss = max(self.peak_rss, rss_bytes())
 
     def __enter__(self) -> PeakMemory:
+        release_memory()  # what earlier phases freed is given back, so that this phase's peak is its own
         self.start_rss = self.peak_rss = rss_bytes()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

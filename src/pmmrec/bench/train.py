@@ -43,7 +43,7 @@ from pmmrec.utils.malloc import malloc_tuned
 log = logging.getLogger(__name__)
 
 DOMAIN = "books"  # a source domain of the built-in world (thousands of users, Zipf popularity)
-FULL = {"batch_size": 32, "max_seq_len": 20, "naive_steps": 2, "steps": 5, "warmup": 1,
+FULL = {"batch_size": 32, "max_seq_len": 20, "naive_steps": 2, "steps": 9, "warmup": 1,
         "overrides": ["text.encoder=minilm", "vision.encoder=efficientnet-lite0", "text.trainable_layers=2",
                       "vision.trainable_layers=2", "text.max_tokens=50", "vision.image_size=224", "model.dim=256",
                       "model.fusion=merged_attention"]}

@@ -20,6 +20,7 @@ preloads another allocator, or off Linux/glibc.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import platform
@@ -57,3 +58,14 @@ def tune_malloc() -> bool:
 def malloc_tuned() -> bool:
     """Whether :func:`tune_malloc` has applied its settings in this process (benchmarks record it)."""
     return _applied
+
+
+def release_memory() -> None:
+    """Collect garbage and give the heap's free memory back to the system (``malloc_trim``), e.g. between the
+    phases of a benchmark, so that each phase's peak RSS is its own and not what a previous phase left free."""
+    gc.collect()
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(ctypes.c_size_t(0))
+        except (OSError, AttributeError) as e:
+            log.debug("malloc_trim skipped: %s", e)

@@ -51,3 +51,15 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("PMMREC_MALLOC_TUNING", "0")
     assert tune_malloc() is False
+
+
+def test_release_memory_gives_freed_memory_back():
+    probe = PROBE.replace("steps(20)", "steps(20)\nfrom pmmrec.utils.malloc import release_memory\n"
+                          "def rss():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+                          "x = [torch.empty(2**20).fill_(1.0) for _ in range(64)]\nbig = rss()\ndel x\n"
+                          "release_memory()\nprint(json.dumps({'freed_mb': (big - rss()) / 2**20}))\nsys.exit(0)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PMMREC_MALLOC_TUNING"] = "1"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    freed = json.loads(out.stdout.strip().splitlines()[-1])["freed_mb"]
+    assert freed > 200, freed  # 256 MiB of 4 MiB tensors, kept by the tuned heap until trimmed
