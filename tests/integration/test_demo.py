@@ -44,3 +44,21 @@ def test_quick_demo_writes_report_and_resolved_config(tmp_path):
     # One feature cache serves every run; checkpoints leave the frozen pretrained encoders out.
     assert (out / "cache").is_dir() and not (runs / "scratch" / "cache").exists()
     assert (runs / "transfer-full" / "checkpoints" / "best.pt").stat().st_size < 5_000_000
+
+
+@pytest.mark.slow
+def test_quick_demo_without_the_ablation(tmp_path):
+    """`--no-ablation`: one pretraining (all four objectives), no ablation rows or runs, the rest unchanged."""
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "pmmrec", "demo", "--out", str(out), "--quick", "--no-ablation"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "report.json").read_text())
+    names = {r["name"] for r in saved["rows"]}
+    assert "transfer full, multimodal" in names and "PMMRec multimodal, scratch" in names
+    assert not names & {"pretrained with rec", "pretrained with rec + NICL", "pretrained with all four (PMMRec)"}
+    assert [p["objectives"] for p in saved["pretraining"]] == [["rec", "nicl", "nid", "rcl"]]
+    runs = out / "runs"
+    assert (runs / "pretrain-all").is_dir() and not (runs / "pretrain-rec").exists()
+    assert not any(p.name.startswith("ablation") for p in runs.iterdir())
+    assert "ablation" not in (out / "report.md").read_text()
