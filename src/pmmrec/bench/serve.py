@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pmmrec.errors import PmmrecError
+from pmmrec.serving.server import batch_concurrency, freeze_heap  # no FastAPI import at module level
 from pmmrec.utils.io import atomic_write_text
+from pmmrec.utils.malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,6 @@ def _serve(port: int, num_items: int, threads: int, ready) -> None:
     import uvicorn
 
     from pmmrec.serving.app import create_app
-    from pmmrec.serving.server import batch_concurrency, freeze_heap
-    from pmmrec.utils.malloc import tune_malloc
 
     tune_malloc()  # what the pmmrec command does at start
     recommender = synthetic_recommender(num_items)
@@ -74,12 +74,6 @@ def _serve(port: int, num_items: int, threads: int, ready) -> None:
     freeze_heap()
     ready.set()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def _concurrency(threads: int) -> int:
-    from pmmrec.serving.server import batch_concurrency
-
-    return batch_concurrency(threads)
 
 
 def _installed(module: str) -> str | None:
@@ -242,7 +236,7 @@ def run(args) -> dict:
         "mean_ms": round(float(ms.mean()), 2), "max_ms": round(float(ms.max()), 2),
         "server_side": {k: server.get(k) for k in ("p50_ms", "p95_ms", "p99_ms")},
         "target_p99_ms": TARGET_P99_MS, "meets_target": p99 < TARGET_P99_MS,
-        "cpu_cores": cores, "torch_threads": threads, "batch_concurrency": _concurrency(threads),
+        "cpu_cores": cores, "torch_threads": threads, "batch_concurrency": batch_concurrency(threads),
         "server_loop": _installed("uvloop") or "asyncio", "server_http": _installed("httptools") or "h11",
         "client": "aiohttp", "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
         # Other processes on the machine slow both sides down: the load average says how busy it was.

@@ -21,7 +21,6 @@ uses tiny random encoders and the quick world and runs in seconds.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import platform
@@ -139,8 +138,7 @@ def run(args) -> dict:
             naive_loss = _first_loss(trainer, plan[0], naive=True)
             naive = _steps(trainer, plan[: sizes["naive_steps"]], naive=True, warmup=sizes["warmup"])
         num_items = trainer.data.num_items
-        del trainer
-        gc.collect()
+        del trainer  # PeakMemory collects and trims the heap before the next phase
 
         with PeakMemory(device) as opt_mem:
             trainer, cache_s = timed(lambda: Trainer(load_config(None, [*common, f"run.dir={tmp}/optimised"])),

@@ -22,38 +22,30 @@ class FakeRecommender:
         return [history for history, *_ in requests]
 
 
-async def _ask(batcher, n):
-    return await asyncio.gather(*(batcher.recommend([f"i{i}"], 1, True, "skip") for i in range(n)))
+def _ask(batcher, n):
+    """``n`` concurrent requests through ``batcher`` (closed afterwards); their answers."""
+
+    async def main():
+        try:
+            return await asyncio.gather(*(batcher.recommend([f"i{i}"], 1, True, "skip") for i in range(n)))
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main())
 
 
 def test_batches_are_bounded_and_computed_side_by_side():
     fake = FakeRecommender(parties=2)
-    batcher = RecommendBatcher(fake, max_batch=3, concurrency=2)
-
-    async def main():
-        try:
-            return await _ask(batcher, 8)
-        finally:
-            await batcher.close()
-
-    answers = asyncio.run(main())
+    answers = _ask(RecommendBatcher(fake, max_batch=3, concurrency=2), 8)
     assert answers == [[f"i{i}"] for i in range(8)]  # each request got its own answer
     assert max(fake.sizes) <= 3 and sum(fake.sizes) == 8
 
 
 def test_one_batch_at_a_time_when_concurrency_is_one():
     fake = FakeRecommender(parties=2, timeout=0.5)
-    batcher = RecommendBatcher(fake, max_batch=3, concurrency=1)
-
-    async def main():
-        try:
-            return await _ask(batcher, 6)
-        finally:
-            await batcher.close()
-
     # Alone in recommend_batch, the first batch waits at the barrier until it breaks: a bug, answered as one.
     with pytest.raises(threading.BrokenBarrierError):
-        asyncio.run(main())
+        _ask(RecommendBatcher(fake, max_batch=3, concurrency=1), 6)
 
 
 def test_batcher_rejects_nonsense_sizes():
