@@ -125,7 +125,7 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
-    from pmmrec.training.trainer import train
+    from pmmrec.training import train
 
     overrides = [*args.overrides, _objectives(args)] if args.objectives else args.overrides
     results = train(load_config(args.config, overrides), resume=args.resume)
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
-    from pmmrec.training.trainer import pretrain
+    from pmmrec.training import pretrain
 
     results = pretrain(load_config(args.config, [*args.overrides, _objectives(args)]), resume=args.resume)
     for name, splits in (results.get("per_domain", {}) if _prints() else {}).items():
@@ -144,7 +144,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
-    from pmmrec.training.trainer import transfer
+    from pmmrec.training import transfer
 
     if not args.checkpoint:
         raise PmmrecError("pmmrec transfer needs --from CHECKPOINT (e.g. runs/pretrain/checkpoints/best.pt)")
@@ -153,7 +153,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pmmrec.training.evaluate import evaluate_checkpoint
+    from pmmrec.evaluation.checkpoint import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split)
     if args.json and _prints():

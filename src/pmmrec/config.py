@@ -25,7 +25,6 @@ from pmmrec.utils.io import atomic_write_text
 Fusion = Literal["merged_attention", "co_attention", "sum", "concat", "film", "gated"]
 Modality = Literal["multimodal", "text", "vision"]
 UserEncoderName = Literal["sasrec", "nextitnet", "gru4rec"]
-Objective = Literal["rec", "nicl", "nid", "rcl"]
 
 
 @dataclass
@@ -91,6 +90,11 @@ class ModelConfig:
     num_heads: int = 2  # SASRec heads (paper: 2)
     dropout: float = 0.1  # (paper: 0.1)
 
+    @property
+    def uses_images(self) -> bool:
+        """Whether the item tower reads images (so a domain's image database must be complete)."""
+        return self.item_tower == "content" and self.modality in ("multimodal", "vision")
+
     def __post_init__(self):
         _positive(self, "dim", "num_blocks", "num_heads")
         if not 0.0 <= self.dropout < 1.0:
@@ -99,8 +103,7 @@ class ModelConfig:
 
 @dataclass
 class NiclConfig:
-    tau: float = 0.1  # temperature (early ref-code commit: 0.1)
-    pooling: Literal["cls", "mean"] = "mean"
+    tau: float = 0.1  # temperature (early ref-code commit: 0.1); text and image are mean-pooled over tokens
     head: bool = True  # small projection head before the contrastive loss
     next_item_positives: bool = True  # off = plain CLIP-style alignment (ablation)
 
@@ -126,7 +129,9 @@ class RclConfig:
 
 @dataclass
 class ObjectivesConfig:
-    use: list[Objective] = field(default_factory=lambda: ["rec"])  # pretraining sets all four
+    # Names in pmmrec.objectives.registry (rec, nicl, nid, rcl, and any registered extension), checked when the model
+    # is built. Pretraining sets all four.
+    use: list[str] = field(default_factory=lambda: ["rec"])
     weights: dict[str, float] = field(
         default_factory=lambda: {"rec": 1.0, "nicl": 0.4, "nid": 0.2, "rcl": 0.2})  # our design (DESIGN §5)
     logq: bool = True  # popularity (logQ) correction of in-batch logits (ref code); false = plain in-batch softmax
@@ -137,10 +142,6 @@ class ObjectivesConfig:
     def __post_init__(self):
         if not self.use:
             raise ConfigError("objectives.use must name at least one objective")
-        unknown = sorted(set(self.weights) - set(typing.get_args(Objective)))
-        if unknown:
-            raise ConfigError(f"objectives.weights has unknown objective(s) {unknown}; "
-                              f"expected some of {list(typing.get_args(Objective))}")
 
 
 @dataclass
@@ -199,8 +200,9 @@ class TransferConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # the run folder: config.yaml, metrics.jsonl, checkpoints/, results.json
-    keep_last_k: int = 2  # checkpoints kept besides best.pt
+    # The run folder: config.yaml, metrics.jsonl, results.json and checkpoints/ (best.pt, last.pt and its
+    # predecessor last.prev.pt, the fallback resume point: docs/reliability.md).
+    dir: str = "runs/default"
 
 
 @dataclass
@@ -452,9 +454,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return _build(Config, tree, "", where, _all_keys(Config))
 
 
+# Keys that earlier versions accepted but never read; configs stored in their checkpoints still load.
+RETIRED_KEYS = ("objectives.nicl.pooling", "run.keep_last_k")
+
+
 def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
                      source: str = "checkpoint") -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint), then apply overrides."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy holding only plain YAML types
+    for dotted in RETIRED_KEYS:
+        *parents, last = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     return load_config(None, overrides, base=tree, base_source=source)
 
 
@@ -465,3 +479,22 @@ def config_to_yaml(config: Config) -> str:
 def dump_config(config: Config, path: str | os.PathLike) -> None:
     """Write the fully resolved config (every field, defaults included) atomically."""
     atomic_write_text(path, config_to_yaml(config))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "weights":  # objectives.weights compares as one value
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"key: X (saved), now Y"`` for every setting that differs between two ``Config.to_dict()`` trees, except
+    the keys in ``ignore`` (and retired keys, see :data:`RETIRED_KEYS`)."""
+    a, b = _flatten(saved), _flatten(now)
+    skip = set(ignore) | set(RETIRED_KEYS)
+    return [f"{key}: {a.get(key)!r} (saved), now {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if key not in skip and a.get(key) != b.get(key)]

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from pmmrec.config import Config, load_config
 from pmmrec.data.domain import read_domain
+from pmmrec.data.sources import eval_splits, load_sources, load_split
 from pmmrec.data.stats import domain_stats, format_stats
 from pmmrec.data.synth import SynthConfig, read_world, synthesize_world
 from pmmrec.evaluation.baselines import most_popular
+from pmmrec.models.loading import read_checkpoint
 from pmmrec.report import add_gains, format_table, make_row, write_report
-from pmmrec.training.checkpoint import load_checkpoint
-from pmmrec.training.sources import load_sources
-from pmmrec.training.trainer import Trainer, eval_splits, load_split
+from pmmrec.training import fit
 from pmmrec.training.transfer import transfer_config
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def pretrain_config(world: Path, run_dir: Path, objectives: tuple[str, ...], qui
 def transfer_demo_config(world: Path, run_dir: Path, checkpoint: Path, quick: bool = False, seed: int = 0,
                          overrides: list[str] | tuple[str, ...] = (), cache_dir: Path | None = None) -> Config:
     """A target run initialised from ``checkpoint`` (architecture from the checkpoint, then the recipe)."""
-    return transfer_config(load_checkpoint(checkpoint), None,
+    return transfer_config(read_checkpoint(checkpoint).state, None,
                            [*_common(world, run_dir, quick, seed, cache_dir),
                             f"transfer.checkpoint={checkpoint.as_posix()}", *overrides], str(checkpoint))
 
@@ -140,10 +140,10 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: boo
         config = pretrain_config(world, runs / f"pretrain-{name.replace('+', '-')}", PRETRAININGS[name], quick,
                                  seed, cache)
         if source_split is None:
-            source_split = load_sources(config, True)  # read once, shared by every pretraining
+            source_split = load_sources(config)  # read once, shared by every pretraining
         print(f"pretraining on the sources with {' + '.join(PRETRAININGS[name])} ...", flush=True)
         t0 = time.perf_counter()
-        results = Trainer(config, split=source_split[0], views=source_split[1]).fit()
+        results = fit(config, split=source_split[0], views=source_split[1])
         took = time.perf_counter() - t0
         checkpoints[name] = Path(config.run.dir) / "checkpoints" / "best.pt"
         pretrain_rows.append((name, results, took))
@@ -163,7 +163,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite: boo
         print(f"training {variant.name} ...", flush=True)
         t0 = time.perf_counter()
         init = None if variant.pretrained is None else str(checkpoints[variant.pretrained])
-        results = Trainer(config, split=split, init=init).fit()
+        results = fit(config, split=split, init=init)
         rows.append(make_row(variant.name, results, time.perf_counter() - t0, variant.group, run_dir))
     if ablation:  # the ablation's last line is the full multimodal transfer above, repeated
         full = next(r for r in rows if r["run"] == str(runs / FULL_TRANSFER))

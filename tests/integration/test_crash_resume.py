@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pmmrec.training.checkpoint import load_checkpoint
+from pmmrec.runtime.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -27,17 +27,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # file this process writes; eval: inside its N-th validation.
 DRIVER = r"""
 import contextlib, os, signal, sys
-from pmmrec.training import checkpoint, trainer
+from pmmrec.evaluation import evaluator
+from pmmrec.runtime import checkpoint
+from pmmrec.training import trainer
 kind, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if kind == "step":
-    step = trainer.Trainer._optimizer_step
-    def killing_step(self, cfg):
-        step(self, cfg)
-        if self.update == n:
+    step = trainer.Trainer.train_step
+    def killing_step(self, batch, update=True):
+        out = step(self, batch, update)
+        if update and self.update == n:
             die()
-    trainer.Trainer._optimizer_step = killing_step
+        return out
+    trainer.Trainer.train_step = killing_step
 elif kind == "write":
     real, count = checkpoint.atomic_file, [0]
     class Torn:
@@ -54,13 +57,13 @@ elif kind == "write":
             yield Torn(f) if count[0] == n else f
     checkpoint.atomic_file = torn
 elif kind == "eval":
-    evaluate, count = trainer.Trainer.evaluate, [0]
+    evaluate, count = evaluator.SplitEvaluator.evaluate, [0]
     def killing_evaluate(self, *args, **kwargs):
         count[0] += 1
         if count[0] == n:
             die()
         return evaluate(self, *args, **kwargs)
-    trainer.Trainer.evaluate = killing_evaluate
+    evaluator.SplitEvaluator.evaluate = killing_evaluate
 from pmmrec.cli import main
 sys.exit(main(argv))
 """

@@ -20,8 +20,8 @@ import torch
 
 from pmmrec.cli import main
 from pmmrec.config import load_config
-from pmmrec.training.checkpoint import load_checkpoint
-from pmmrec.training.trainer import Trainer
+from pmmrec.runtime.checkpoint import load_checkpoint
+from pmmrec.training.api import build_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -82,15 +82,15 @@ PROBE = """
 import sys
 import torch
 from pmmrec.config import load_config
-from pmmrec.training import distributed
-from pmmrec.training.trainer import Trainer
+from pmmrec.runtime import distributed
+from pmmrec.training.api import build_trainer, fit
 
 tiny, out, *overrides = sys.argv[1:]
-trainer = Trainer(load_config(tiny, overrides))
+trainer = build_trainer(load_config(tiny, overrides))
 grads = {}
 for gather in (True, False):
-    trainer.config.train.gather_negatives = gather
-    for i, batch in enumerate(trainer.batches(0, 0)):
+    trainer.objective.gather_negatives = gather
+    for i, batch in enumerate(trainer.batches.epoch(0, 0)):
         trainer.optimizer.zero_grad(set_to_none=True)
         loss, _ = trainer.loss(batch.to(trainer.device))
         loss.backward()
@@ -110,8 +110,8 @@ def test_the_gradient_of_two_processes_is_the_gradient_of_the_whole_batch(quick_
     _torchrun(str(script), str(TINY), str(tmp_path / "two.pt"), *_overrides(quick_world, tmp_path / "probe"))
     two = torch.load(tmp_path / "two.pt", weights_only=True)
 
-    trainer = Trainer(load_config(TINY, _overrides(quick_world, tmp_path / "probe1")))
-    batches = list(trainer.batches(0, 0))
+    trainer = build_trainer(load_config(TINY, _overrides(quick_world, tmp_path / "probe1")))
+    batches = list(trainer.batches.epoch(0, 0))
     assert len(batches) == STEPS and len(batches[-1].items) == 1
     for i, batch in enumerate(batches):
         trainer.optimizer.zero_grad(set_to_none=True)

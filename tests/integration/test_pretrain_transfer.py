@@ -9,8 +9,9 @@ import torch
 from pmmrec.cli import main
 from pmmrec.config import load_config
 from pmmrec.errors import PmmrecError
-from pmmrec.training.checkpoint import load_checkpoint
-from pmmrec.training.trainer import Trainer, pretrain, transfer
+from pmmrec.runtime.checkpoint import load_checkpoint
+from pmmrec.training import pretrain, transfer
+from pmmrec.training.api import build_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -71,7 +72,7 @@ def test_transfer_loads_exactly_the_requested_parts(pretrained, quick_world, tmp
         assert report["skipped"]["item_encoder.vision_proj.weight"].startswith("not in this model")
     assert not any(k.startswith("heads.") for k in loaded)  # objective heads serve pretraining only
     # Before fine-tuning, a loaded tensor equals the checkpoint's: check via a zero-step transfer.
-    fresh = Trainer(load_config(TINY, [f"data.domain={quick_world / 'target'}", f"run.dir={tmp_path / 'x'}",
+    fresh = build_trainer(load_config(TINY, [f"data.domain={quick_world / 'target'}", f"run.dir={tmp_path / 'x'}",
                                        f"transfer.parts={parts}", f"model.modality={modality}"]),
                     init=str(pretrained))
     for name in list(loaded)[:5]:
@@ -82,7 +83,7 @@ def test_untransferred_parts_are_reinitialised_deterministically(pretrained, qui
     def build(run):
         config = load_config(TINY, [f"data.domain={quick_world / 'target'}", f"run.dir={run}",
                                     "transfer.parts=user_encoder"])
-        return Trainer(config, init=str(pretrained)).model.state_dict()
+        return build_trainer(config, init=str(pretrained)).model.state_dict()
 
     a, b = build(tmp_path / "a"), build(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -92,7 +93,7 @@ def test_a_part_that_loads_nothing_is_an_error(quick_world, tmp_path):
     # A text-only checkpoint has no vision branch: a vision-only transfer of the item encoder loads nothing of it
     # except... nothing at all of the vision path, and its user encoder is not requested.
     text_run = tmp_path / "text"
-    Trainer(load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={text_run}", "train.max_steps=1",
+    build_trainer(load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={text_run}", "train.max_steps=1",
                                "model.modality=text"])).fit()
     ckpt = str(text_run / "checkpoints" / "best.pt")
     with pytest.raises(PmmrecError, match="nothing of item_encoder could be loaded"):
@@ -102,7 +103,7 @@ def test_a_part_that_loads_nothing_is_an_error(quick_world, tmp_path):
 
 def test_id_towers_cannot_transfer_items(quick_world, tmp_path, capsys):
     run = tmp_path / "id"
-    Trainer(load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={run}", "train.max_steps=1",
+    build_trainer(load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={run}", "train.max_steps=1",
                                "model.item_tower=id"])).fit()
     code = main(["transfer", "--from", str(run / "checkpoints" / "best.pt"), f"data.domain={quick_world / 'target'}",
                  f"run.dir={tmp_path / 't'}"])
@@ -120,18 +121,18 @@ def test_pretraining_resumes_exactly_with_corruption(quick_world, tmp_path):
 
 
 def test_per_domain_batches_stay_inside_one_domain(quick_world, tmp_path):
-    from pmmrec.training.sources import load_sources
+    from pmmrec.data.sources import load_sources
 
     config = load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'run'}", "data.mix=per_domain",
                                 "train.batch_size=32"])
-    split, views = load_sources(config, needs_images=True)
-    trainer = Trainer(config, split=split, views=views)
-    plan = trainer.batch_plan(0)
+    split, views = load_sources(config)
+    trainer = build_trainer(config, split=split, views=views)
+    plan = trainer.batches.plan(0)
     domain_of = {int(u): v.name for v in views for u in v.users}
     assert all(len({domain_of[u] for u in batch}) == 1 for batch in plan)
     assert sorted(u for batch in plan for u in batch) == list(range(len(split.train)))
     assert trainer.steps_per_epoch == len(plan) == 3 * 5  # 150 users a domain, batches of 32
     assert len({domain_of[b[0]] for b in plan[:4]}) > 1  # batch order is shuffled across domains
-    mixed = Trainer(load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'm'}", "train.batch_size=32"]),
-                    split=split, views=views).batch_plan(0)
+    mixed = build_trainer(load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'm'}", "train.batch_size=32"]),
+                    split=split, views=views).batches.plan(0)
     assert any(len({domain_of[u] for u in batch}) > 1 for batch in mixed)

@@ -13,7 +13,7 @@ import pytest
 
 from pmmrec.cli import main
 from pmmrec.config import load_config
-from pmmrec.training.trainer import Trainer
+from pmmrec.training.api import fit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def checkpoint(quick_world, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
     config = load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={quick_world / 'target'}", f"run.dir={run}",
                                                          "train.epochs=1", "train.max_steps=1"])
-    Trainer(config).fit()
+    fit(config)
     return run / "checkpoints" / "best.pt"
 
 

@@ -13,8 +13,8 @@ import torch
 
 from pmmrec.cli import main
 from pmmrec.config import load_config
-from pmmrec.training.checkpoint import load_checkpoint
-from pmmrec.training.trainer import Trainer
+from pmmrec.runtime.checkpoint import load_checkpoint
+from pmmrec.training.api import build_trainer, fit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -32,7 +32,7 @@ def _config(world, run_dir, *overrides):
 ], ids=lambda o: o[0].split(".")[-1])
 def test_every_variant_trains_and_learns(quick_world, tmp_path, overrides):
     config = _config(quick_world, tmp_path / "run", "train.max_steps=3", "train.epochs=5", *overrides)
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     results = trainer.fit()
     changed = [k for k, v in trainer.model.state_dict().items() if v.dtype.is_floating_point
@@ -53,7 +53,7 @@ def test_loss_goes_down_and_beats_chance(quick_world, tmp_path):
     config = load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={tmp_path / 'run'}",
                                 "train.epochs=40", "train.patience=40", "model.fusion=sum", "train.lr=3e-3",
                                 "train.encoder_lr=3e-3"])
-    results = Trainer(config).fit()
+    results = fit(config)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 40 and lines[-1]["train_loss"] < lines[0]["train_loss"] - 0.5
     # 96 items: a random ranking gets HR@10 ~ 0.1; following the concept chain gets far more.
@@ -62,7 +62,7 @@ def test_loss_goes_down_and_beats_chance(quick_world, tmp_path):
 
 def test_evaluate_cli_reproduces_results(quick_world, tmp_path, capsys):
     config = _config(quick_world, tmp_path / "run", "train.max_steps=4")
-    results = Trainer(config).fit()
+    results = fit(config)
     best = tmp_path / "run" / "checkpoints" / "best.pt"
     assert main(["evaluate", "--checkpoint", str(best), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -123,19 +123,34 @@ def test_early_stopping_and_gradient_accumulation(quick_world, tmp_path):
     # lr 0: validation never improves after the first evaluation, so patience 2 stops after 3 evaluations.
     config = _config(quick_world, tmp_path / "stop", "train.epochs=20", "train.patience=2", "train.lr=0",
                      "train.encoder_lr=0", "model.fusion=sum")
-    results = Trainer(config).fit()
+    results = fit(config)
     assert results["epochs"] == 3 and results["best_step"] == 4
     # 60 users, batch 16 -> 4 batches an epoch; accumulating 2 makes 2 optimiser steps an epoch.
     config = _config(quick_world, tmp_path / "accum", "train.epochs=2", "train.grad_accum=2", "model.fusion=sum")
-    assert Trainer(config).fit()["steps"] == 4
+    assert fit(config)["steps"] == 4
 
 
 def test_logq_switch_changes_the_loss(tmp_path, tiny_domain):
     common = [f"data.domain={tiny_domain}", "train.max_steps=1", "model.modality=text"]
-    with_q = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'a'}"]))
-    without = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'b'}", "objectives.logq=false"]))
-    assert with_q.log_pop is not None and without.log_pop is None
-    batch = next(iter(with_q.batches(0, 0)))
+    with_q = build_trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'a'}"]))
+    without = build_trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'b'}", "objectives.logq=false"]))
+    assert with_q.objective.log_pop is not None and without.objective.log_pop is None
+    batch = next(iter(with_q.batches.epoch(0, 0)))
     a, _ = with_q.loss(batch)
     b, _ = without.loss(batch)
     assert not torch.isclose(a, b)
+
+
+def test_resume_refuses_other_settings_and_accepts_a_longer_run(quick_world, tmp_path, capsys):
+    """--resume compares the saved config with the resumed one: what defines the run must be equal (the error
+    lists every difference); how long to go on may change."""
+    run = tmp_path / "run"
+    args = ["train", "-c", str(TINY), f"data.domain={quick_world / 'target'}", f"run.dir={run}", "train.max_steps=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "model.dropout=0.3", "train.lr=0.01", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the run was started with other settings" in err
+    assert "model.dropout: 0.1 (saved), now 0.3" in err and "train.lr: 0.001 (saved), now 0.01" in err
+    assert main([*args[:-1], "train.max_steps=2", "--resume"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 2

@@ -34,7 +34,7 @@ import torch
 from pmmrec.bench.measure import PeakMemory, timed
 from pmmrec.evaluation.ranking import evaluate_rankings, topk_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
-from pmmrec.training.trainer import resolve_device
+from pmmrec.runtime.device import resolve_device
 from pmmrec.utils.io import atomic_write_text
 from pmmrec.utils.malloc import malloc_tuned
 

@@ -1,6 +1,6 @@
 """``pmmrec bench train``: the naive training step (reference-code behaviour) against ours, in one run (DESIGN §9).
 
-Both paths are the same code (the :class:`~pmmrec.training.trainer.Trainer`'s loss and optimiser step) on the same
+Both paths are the same code (the :class:`~pmmrec.training.trainer.Trainer`'s training step) on the same
 config, data, batches and seed, so the loss of the first batch (computed without dropout, whose random draws
 depend on tensor shapes) must agree, to float16 rounding of the cached states; the paths differ only in the
 data path and in what the item encoder computes:
@@ -35,7 +35,9 @@ from pmmrec.bench.measure import PeakMemory, timed
 from pmmrec.config import load_config
 from pmmrec.data.datasets import WindowCollator
 from pmmrec.data.synth import SynthConfig, synthesize_world
-from pmmrec.training.trainer import Trainer, resolve_device
+from pmmrec.runtime.device import resolve_device
+from pmmrec.training.api import build_trainer
+from pmmrec.training.trainer import Trainer
 from pmmrec.utils.io import atomic_write_text
 from pmmrec.utils.malloc import malloc_tuned
 
@@ -55,17 +57,15 @@ LOSS_RTOL = 1e-4  # the issue's target for the agreement of the first-step losse
 
 def _steps(trainer: Trainer, plan: list[list[int]], naive: bool, warmup: int) -> dict:
     """Train on ``plan``'s batches; per-step wall time (data path included), losses and item counts."""
-    device, cfg = trainer.device, trainer.config.train
-    collate = WindowCollator(trainer.data.store, naive=naive)
+    device = trainer.device
+    collate = WindowCollator(trainer.batches.store, naive=naive)
     trainer.model.train()
     losses, seconds, slots, encoded = [], [], [], []
     for users in plan:
         def step(users=users):
-            batch = collate([trainer.data.windows[u] for u in users]).to(device)
-            loss, _ = trainer.loss(batch)
-            loss.backward()
-            trainer._optimizer_step(cfg)
-            return float(loss.detach()), batch
+            batch = collate([trainer.batches.windows[u] for u in users]).to(device)
+            loss, _ = trainer.train_step(batch)
+            return loss, batch
 
         (loss, batch), secs = timed(step, device)
         losses.append(loss)
@@ -89,7 +89,7 @@ def _first_loss(trainer: Trainer, users: list[int], naive: bool) -> float:
     the two paths do not share), so that the naive and optimised values are comparable."""
     trainer.model.eval()
     try:
-        batch = WindowCollator(trainer.data.store, naive=naive)([trainer.data.windows[u] for u in users])
+        batch = WindowCollator(trainer.batches.store, naive=naive)([trainer.batches.windows[u] for u in users])
         return float(trainer.loss(batch.to(trainer.device))[0])
     finally:
         trainer.model.train()
@@ -98,10 +98,10 @@ def _first_loss(trainer: Trainer, users: list[int], naive: bool) -> float:
 def _floor(trainer: Trainer, plan: list[list[int]], warmup: int) -> dict:
     """Forward + backward of the trainable top blocks alone on each batch's distinct items."""
     encoder, device = trainer.model.item_encoder, trainer.device
-    collate = WindowCollator(trainer.data.store)
+    collate = WindowCollator(trainer.batches.store)
     seconds = []
     for users in plan:
-        inputs = collate([trainer.data.windows[u] for u in users]).inputs.to(device)
+        inputs = collate([trainer.batches.windows[u] for u in users]).inputs.to(device)
 
         def tops(inputs=inputs):
             total = 0.0
@@ -132,16 +132,16 @@ def run(args) -> dict:
 
         # Naive first: its per-image database reopening is real only while no other handle holds the database.
         with PeakMemory(device) as naive_mem:
-            trainer = Trainer(load_config(None, [*common, "train.feature_cache=false", f"run.dir={tmp}/naive"]))
-            trainer.data.store.naive = True
-            plan = trainer.batch_plan(0)[: max(sizes["naive_steps"], sizes["steps"])]
+            trainer = build_trainer(load_config(None, [*common, "train.feature_cache=false", f"run.dir={tmp}/naive"]))
+            trainer.batches.store.naive = True
+            plan = trainer.batches.plan(0)[: max(sizes["naive_steps"], sizes["steps"])]
             naive_loss = _first_loss(trainer, plan[0], naive=True)
             naive = _steps(trainer, plan[: sizes["naive_steps"]], naive=True, warmup=sizes["warmup"])
-        num_items = trainer.data.num_items
+        num_items = len(trainer.item_ids)
         del trainer  # PeakMemory collects and trims the heap before the next phase
 
         with PeakMemory(device) as opt_mem:
-            trainer, cache_s = timed(lambda: Trainer(load_config(None, [*common, f"run.dir={tmp}/optimised"])),
+            trainer, cache_s = timed(lambda: build_trainer(load_config(None, [*common, f"run.dir={tmp}/optimised"])),
                                      device)
             optimised_loss = _first_loss(trainer, plan[0], naive=False)
             optimised = _steps(trainer, plan[: sizes["steps"]], naive=False, warmup=sizes["warmup"])

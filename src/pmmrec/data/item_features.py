@@ -22,12 +22,12 @@ from pmmrec.data.batch import ItemInputs
 from pmmrec.data.image_db import ImageDB
 from pmmrec.data.images import ImagePreprocessor
 from pmmrec.errors import DataError, PmmrecError
+from pmmrec.runtime.feature_files import DIGEST_BYTES  # per-item content digests: the feature cache's keys
 from pmmrec.utils.io import atomic_file
 
 log = logging.getLogger(__name__)
 
 ImageRef = tuple[Path | None, str]  # (image LMDB folder or None, key inside it)
-DIGEST_BYTES = 16  # per-item content digests (blake2b-128), the keys of the on-disk feature cache
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json",
                     "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -197,6 +197,13 @@ class ImageTable:
             present.append(ok)
         return torch.from_numpy(np.stack(pixels)), torch.tensor(present, dtype=torch.bool)
 
+    def close(self) -> None:
+        """Release the read-only LMDB handles (LMDB allows one environment per database and process, so a
+        writer of the same database, such as ``Recommender.add_items(persist=True)``, needs them closed)."""
+        for db in self._dbs.values():
+            db.close()
+        self._dbs.clear()
+
     def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handles and start a fresh cache
         state = self.__dict__.copy()
         state["_dbs"], state["_cache"] = {}, OrderedDict()
@@ -213,7 +220,7 @@ class ItemFeatureStore:
         # The reference code's data path, kept as a mode of this one for `pmmrec bench train`: titles padded to
         # max_tokens, images decoded for every occurrence with the database reopened per image.
         self.naive = False
-        # Frozen-encoder outputs per item (see pmmrec.models.feature_cache); None = run the encoder.
+        # Frozen-encoder outputs per item (see pmmrec.models.features); None = run the encoder.
         self.text_states: torch.Tensor | None = None  # (N+1, T_max, H) float16
         self.image_states: torch.Tensor | None = None  # (N+1, P, H) float16
         self.has_image: torch.Tensor | None = None  # (N+1,) bool, kept with image_states
@@ -232,6 +239,11 @@ class ItemFeatureStore:
                 raise PmmrecError("image references must be given for every item when images are used")
             images = ImageTable(image_refs, preprocessor, missing_image, image_cache_items)
         return cls(tokens, images, len(titles))
+
+    def close(self) -> None:
+        """Release the image databases' handles (reopened on the next lookup)."""
+        if self.images is not None:
+            self.images.close()
 
     def lookup(self, items: np.ndarray | torch.Tensor | Sequence[int]) -> ItemInputs:
         """Inputs for item numbers ``items`` (N,), in that order; 0 is the padding item."""

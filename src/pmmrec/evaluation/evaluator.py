@@ -22,10 +22,11 @@ from pmmrec.config import EvalConfig
 from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import EvalSequences
 from pmmrec.data.item_features import ItemFeatureStore
+from pmmrec.data.sources import DomainView
 from pmmrec.evaluation.metrics import metrics_from_ranks
 from pmmrec.evaluation.ranking import PROTOCOLS, rank_targets
 from pmmrec.models.pmmrec import PMMRec
-from pmmrec.training import distributed
+from pmmrec.runtime import distributed
 
 
 def _my_chunks(total: int, size: int, start: int = 0) -> list[tuple[int, int]]:
@@ -109,3 +110,35 @@ def mean_over_domains(per_domain: dict[str, dict]) -> dict:
     first = next(iter(per_domain.values()))
     return {protocol: {name: float(sum(d[protocol][name] for d in per_domain.values()) / len(per_domain))
                        for name in first[protocol]} for protocol in first}
+
+
+class SplitEvaluator:
+    """Full-ranking evaluation of a model on one domain's validation and test sequences, with no trainer.
+
+    With ``views`` (merged source domains, pretraining) each domain's users are ranked against that domain's
+    catalogue only; the metrics returned are the mean over domains, and each domain's are kept in
+    ``per_domain[split]``.
+    """
+
+    def __init__(self, store: ItemFeatureStore | None, num_items: int, valid: EvalSequences, test: EvalSequences,
+                 cfg: EvalConfig, device: torch.device, views: list[DomainView] | None = None):
+        self.store, self.num_items, self.cfg, self.device, self.views = store, num_items, cfg, device, views
+        self.sequences = {"valid": valid, "test": test}
+        self.per_domain: dict[str, dict] = {}
+
+    def catalogue(self, model: PMMRec) -> Tensor:
+        """(N+1, D) vectors of every item, each encoded once with the model's current weights."""
+        model.eval()
+        return encode_catalogue(model, self.store, self.num_items, self.device, self.cfg.batch_size)
+
+    def evaluate(self, model: PMMRec, which: str = "valid", item_vecs: Tensor | None = None) -> dict:
+        """Metrics on ``which`` (valid or test); ``item_vecs`` (from :meth:`catalogue`) lets several splits share
+        one encoding of the catalogue."""
+        item_vecs = self.catalogue(model) if item_vecs is None else item_vecs
+        sequences = self.sequences[which]
+        if self.views is None:
+            return evaluate(model, item_vecs, sequences, self.cfg)
+        self.per_domain[which] = {
+            view.name: evaluate(model, item_vecs, sequences.subset(view.users), self.cfg,
+                                candidates=torch.from_numpy(view.items)) for view in self.views}
+        return mean_over_domains(self.per_domain[which])

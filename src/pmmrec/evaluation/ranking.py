@@ -90,7 +90,7 @@ def _first_occurrences(hist: Tensor) -> Tensor:
     return first & (hist != 0)
 
 
-def _in_chunk(hist: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+def history_in_chunk(hist: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     """Which history entries fall in items ``[start, stop)`` (``(Uc, H)`` bool) and their column in the chunk.
 
     Work is ``O(Uc * H)``: the history is looked up in the chunk's scores, never expanded to a chunk-wide mask.
@@ -200,7 +200,7 @@ def rank_targets(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, historie
                 counts[INCLUDE_HISTORY][u0:u1] += above
             if excluding:
                 # Minus the distinct history items of this chunk that are among them (the target never is).
-                inside, cols = _in_chunk(hist[u0:u1], i0, i1)  # (Uc, H)
+                inside, cols = history_in_chunk(hist[u0:u1], i0, i1)  # (Uc, H)
                 own_history = (beats.gather(1, cols) & inside & first[u0:u1]).sum(1)
                 counts[EXCLUDE_HISTORY][u0:u1] += above - own_history
 
@@ -266,7 +266,7 @@ def topk_items(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude: Histories 
             i1 = min(i0 + item_chunk, num_rows)
             scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
             if excl is not None:
-                inside, cols = _in_chunk(excl[u0:u1], i0, i1)  # (Uc, H)
+                inside, cols = history_in_chunk(excl[u0:u1], i0, i1)  # (Uc, H)
                 rows = torch.arange(u1 - u0, device=device).unsqueeze(1).expand_as(cols)  # (Uc, H)
                 scores[rows[inside], cols[inside]] = float("-inf")
             chunk_scores, chunk_idx = scores.topk(min(k, i1 - i0), dim=1)  # (Uc, <=k)

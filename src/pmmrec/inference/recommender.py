@@ -27,22 +27,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pmmrec.config import Config, config_from_dict
+from pmmrec.config import Config
 from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import left_pad
 from pmmrec.data.domain import Domain, find_domain_files, read_domain
 from pmmrec.data.image_db import MAX_KEY_BYTES, image_keys
 from pmmrec.data.images import open_image
-from pmmrec.data.item_features import ItemFeatureStore, TokenTable
+from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import topk_items
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
+from pmmrec.models.features import build_feature_store
+from pmmrec.models.loading import load_model
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
-from pmmrec.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 SHORTLIST_MIN_ITEMS = 20_000  # smaller catalogues are scored in float32 directly: a few ms either way
@@ -126,29 +127,21 @@ class Recommender:
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
         over the items it was trained on, which the checkpoint lists itself (``domain`` then only adds titles).
         """
-        state = load_checkpoint(path)
-        config = config_from_dict(state["config"], source=f"{path} (stored config)")
-        trained_ids = [str(i) for i in state["item_ids"]]
+        device = torch.device(device)
+        loaded = load_model(path, device=device)
+        model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
         folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
                               "(--domain FOLDER)")
-        device = torch.device(device)
         if id_tower:
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
-            model = PMMRec(config, len(trained_ids))
-            model.load_state_dict(state["model"])
-            model.to(device).eval()
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
                        unknown_items=unknown_items)
-        uses_vision = config.model.modality in ("multimodal", "vision")
         catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
-                                       missing_image=config.data.missing_image if uses_vision else None)
-        model = PMMRec(config, catalogue_domain.num_items)
-        model.load_state_dict(state["model"])
-        model.to(device).eval()
+                                       missing_image=config.data.missing_image if config.model.uses_images else None)
         vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress)
         refs = catalogue_domain.image_refs()
         present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
@@ -411,21 +404,14 @@ class Recommender:
 def _encode_domain(model: PMMRec, config: Config, domain: Domain, device: torch.device, batch_size: int,
                    progress: bool) -> Tensor:
     """(N+1, D) vectors of a domain's items through the model's ItemEncoder (row 0 = padding)."""
-    encoder = model.item_encoder
-    store = ItemFeatureStore.build(
-        domain.titles, domain.image_refs() if encoder.uses_vision else None,
-        tokenizer_path=tokenizer_dir(config.text.encoder) if encoder.uses_text else None,
-        max_tokens=config.text.max_tokens, lowercase=config.text.lowercase,
-        preprocessor=encoder.vision.preprocessor() if encoder.uses_vision else None,
-        missing_image=config.data.missing_image, image_cache_items=0)
+    refs = domain.image_refs() if model.item_encoder.uses_vision else None
+    store = build_feature_store(config, model.item_encoder, domain.titles, refs, image_cache_items=0)
     try:
         return encode_catalogue(model, store, domain.num_items, device, batch_size, progress)
     finally:
-        if store.images is not None:
-            # Release the read-only LMDB handles: persisting new items opens the same database for writing, and
-            # LMDB allows one environment per database and process.
-            for db in store.images._dbs.values():
-                db.close()
+        # Release the read-only LMDB handles: persisting new items opens the same database for writing, and
+        # LMDB allows one environment per database and process.
+        store.close()
 
 
 def _titles_by_id(folder: Path, ids: list[str]) -> list[str | None]:

@@ -34,7 +34,7 @@ import time
 import torch
 from torch import Tensor
 
-from pmmrec.evaluation.ranking import _in_chunk, pad_histories, topk_items
+from pmmrec.evaluation.ranking import history_in_chunk, pad_histories, topk_items
 
 MARGIN = 32  # shortlist slots beyond k: enough for the certificate to hold for (nearly) every user
 ERROR_FACTOR = 2.0**-6  # err = ERROR_FACTOR * |u| * max |v|: above the 3 * 2**-8 bound of bfloat16 rounding
@@ -130,7 +130,7 @@ class ShortlistScorer:
             # float32 from here: a max or top-K over bfloat16 is several times slower on a CPU than the product
             block = (low_users @ self.low[i0:i0 + ITEM_CHUNK].t()).float()  # (U, Ic) approximate scores
             if excl is not None:  # item numbers i0+1 .. i0+Ic are this block's columns 0 .. Ic-1
-                inside, cols = _in_chunk(excl, i0 + 1, i0 + 1 + block.shape[1])
+                inside, cols = history_in_chunk(excl, i0 + 1, i0 + 1 + block.shape[1])
                 block[rows[inside], cols[inside]] = float("-inf")
             scores, idx = block_topk(block, min(m, block.shape[1]))
             idx = idx + (i0 + 1)  # item numbers (row 0 of the catalogue is padding)

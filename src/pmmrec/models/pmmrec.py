@@ -1,6 +1,6 @@
 """PMMRec: item encoder + user encoder (PMMRec, ICDE 2024, §III).
 
-The model knows nothing about ranks, devices or losses (STYLE rule 3): ``encode_items`` turns item inputs into
+The model knows nothing about ranks, devices or losses (docs/design.md, house rule 3): ``encode_items`` turns item inputs into
 vectors, ``encode_sequences`` turns sequences of item vectors into user states, ``score`` compares them.
 Losses live in ``pmmrec.objectives``.
 
@@ -23,10 +23,12 @@ from torch import Tensor, nn
 
 from pmmrec.config import Config
 from pmmrec.data.batch import ItemInputs
-from pmmrec.errors import ConfigError, PmmrecError
+from pmmrec.data.datasets import SequenceBatch
+from pmmrec.errors import PmmrecError
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.models.user import build_user_encoder
-from pmmrec.objectives.heads import ContrastiveHead, NoiseClassifier
+from pmmrec.objectives.base import StepOutputs
+from pmmrec.objectives.registry import build_heads
 
 FROZEN_DIGEST = "frozen_sha256"  # state key prefix: FROZEN_DIGEST.<encoder prefix> -> (32,) uint8 digest
 
@@ -52,19 +54,8 @@ class PMMRec(nn.Module):
                                     if getattr(self.item_encoder, name) is not None and cfg.encoder != "tiny"]
         self._digests: dict[str, Tensor] = {}
         self.user_encoder = build_user_encoder(config.model, config.data.max_seq_len)
-        # Heads of the auxiliary objectives (saved with the model, never transferred: they serve pretraining).
-        self.heads = nn.ModuleDict()
-        use, dim = set(config.objectives.use), config.model.dim
-        if "nicl" in use:
-            if not (self.item_encoder.uses_text and self.item_encoder.uses_vision):
-                raise ConfigError("objectives.use includes nicl, which aligns text and image: it needs "
-                                  "model.modality=multimodal and model.item_tower=content")
-            self.heads["nicl_text"] = ContrastiveHead.from_config(dim, config.objectives.nicl)
-            self.heads["nicl_image"] = ContrastiveHead.from_config(dim, config.objectives.nicl)
-        if "nid" in use:
-            self.heads["nid"] = NoiseClassifier(dim)
-        if "rcl" in use:
-            self.heads["rcl"] = ContrastiveHead(dim, enabled=config.objectives.rcl.head)
+        # The heads of the objectives in use (pmmrec.objectives.registry), saved with the model, never transferred.
+        self.heads = build_heads(config, self.item_encoder)
 
     # ------------------------------------------------------------------------------------- compact checkpoints
     def _frozen_names(self, prefix: str) -> Iterator[str]:
@@ -129,6 +120,16 @@ class PMMRec(nn.Module):
             raise RuntimeError(f"error loading PMMRec state: missing {missing[:5]}, unexpected "
                                f"{result.unexpected_keys[:5]}")
         return result
+
+    def forward(self, batch: SequenceBatch) -> StepOutputs:
+        """A training batch -> the tensors every objective's term reads (each distinct item encoded once)."""
+        encoder = self.item_encoder
+        tokens = encoder.modality_tokens(batch.inputs) if encoder.tower == "content" else None
+        unique_embs = encoder.fuse(tokens) if tokens is not None else self.encode_items(batch.inputs)  # (U, D)
+        item_embs = unique_embs[batch.inverse]  # (B, L+1, D)
+        mask = batch.items[:, :-1] != 0  # (B, L)
+        states = self.encode_sequences(item_embs[:, :-1], mask)  # (B, L, D)
+        return StepOutputs(self, tokens, unique_embs, item_embs, states, mask)
 
     def encode_items(self, items: ItemInputs) -> Tensor:
         return self.item_encoder(items)  # (N, D)

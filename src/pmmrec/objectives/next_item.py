@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pmmrec.objectives.base import Objective
+from pmmrec.runtime import distributed
+
 __all__ = ["log_popularity", "next_item_loss", "sample_negative_items", "sampled_next_item_loss",
            "window_item_mask"]
 
@@ -202,3 +205,27 @@ def sample_negative_items(k: int, num_items: int, log_pop: Tensor | None = None,
         raise ValueError(f"log_pop must be ({num_items + 1},), got {tuple(log_pop.shape)}")
     weights = log_pop[1:].detach().to(device="cpu", dtype=torch.float64).exp()  # (N,)
     return torch.multinomial(weights, k, replacement=True, generator=generator) + 1
+
+
+def rec_term(out, batch) -> Tensor:
+    """L_rec of the step; under torchrun, this rank's share of the mean over the global batch's positions."""
+    states, item_embs, items = out.states.float(), out.item_embs.float(), batch.items
+    world = distributed.world_size()
+    if world == 1:
+        return next_item_loss(states, item_embs, items, out.log_pop)
+    gathered = {}
+    if out.gather_negatives:
+        # Every rank's slots, in rank order (= the global batch's order); the gradient that this rank's
+        # positions send to other ranks' item vectors flows back to them through the gather.
+        embs = distributed.all_gather_varlen(item_embs.reshape(-1, item_embs.shape[-1]), grad=True)
+        slots = distributed.all_gather_varlen(items.reshape(-1))
+        gathered = {"cand_embs": torch.cat(embs), "cand_items": torch.cat(slots),
+                    "cand_offset": sum(len(s) for s in slots[:distributed.rank()])}
+    total = next_item_loss(states, item_embs, items, out.log_pop, reduction="sum", **gathered)
+    positions = distributed.all_reduce_sum((items[:, :-1] != 0).sum()).clamp(min=1)
+    # DDP averages gradients over the N ranks, so N * (this rank's sum) / (all positions) makes that average
+    # the gradient of the mean over every position of the global batch, which one process computes.
+    return total * world / positions
+
+
+OBJECTIVE = Objective("rec", rec_term)

@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pmmrec.errors import ConfigError
+from pmmrec.objectives.base import Objective
+from pmmrec.objectives.heads import ContrastiveHead
+
 __all__ = ["nicl_loss"]
 
 
@@ -114,3 +118,23 @@ def nicl_loss(text: Tensor, image: Tensor, items: Tensor, tau: float = 0.1,
     log_positive = logits.masked_fill(~positive, floor).logsumexp(dim=1)  # (2M,)
     log_all = logits.masked_fill(~candidate, floor).logsumexp(dim=1)  # (2M,)
     return (log_all - log_positive).mean()
+
+
+def nicl_term(out, batch) -> Tensor:
+    """L_NICL on the pooled, projected text and image tokens of the batch's items."""
+    cfg = out.config.nicl
+    text = out.model.heads["nicl_text"](out.tokens.pooled_text())[batch.inverse]  # (B, L+1, D)
+    image = out.model.heads["nicl_image"](out.tokens.pooled_image())[batch.inverse]
+    return nicl_loss(text.float(), image.float(), batch.items, cfg.tau, cfg.next_item_positives)
+
+
+def nicl_heads(config, item_encoder) -> dict:
+    if not (item_encoder.uses_text and item_encoder.uses_vision):
+        raise ConfigError("objectives.use includes nicl, which aligns text and image: it needs "
+                          "model.modality=multimodal and model.item_tower=content")
+    cfg = config.objectives.nicl
+    return {"nicl_text": ContrastiveHead.from_config(config.model.dim, cfg),
+            "nicl_image": ContrastiveHead.from_config(config.model.dim, cfg)}
+
+
+OBJECTIVE = Objective("nicl", nicl_term, nicl_heads, section="nicl")

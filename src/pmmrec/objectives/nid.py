@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from pmmrec.objectives.base import Objective
+from pmmrec.objectives.heads import NoiseClassifier
+
 __all__ = ["nid_loss"]
 
 
@@ -35,3 +38,16 @@ def nid_loss(logits: Tensor, changed: Tensor, mask: Tensor) -> Tensor:
         return logits.sum() * 0.0
     targets = changed[mask].to(logits.dtype)  # (V,)
     return F.binary_cross_entropy_with_logits(logits[mask], targets)
+
+
+def nid_term(out, batch) -> Tensor:
+    """L_NID on the step's corrupted view (shared with L_RCL)."""
+    noisy_states, changed = out.corrupted(batch)
+    return nid_loss(out.model.heads["nid"](noisy_states).float(), changed, out.mask)
+
+
+def nid_heads(config, item_encoder) -> dict:
+    return {"nid": NoiseClassifier(config.model.dim)}
+
+
+OBJECTIVE = Objective("nid", nid_term, nid_heads, section="nid")

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pmmrec.objectives.base import Objective
+from pmmrec.objectives.heads import ContrastiveHead
+
 __all__ = ["rcl_loss"]
 
 
@@ -57,3 +60,19 @@ def rcl_loss(clean: Tensor, corrupted: Tensor, tau: float = 0.5, targets: Tensor
         excluded[rows, positives] = False  # the positive itself stays
     logits = logits.masked_fill(excluded, torch.finfo(logits.dtype).min)
     return F.cross_entropy(logits, positives)
+
+
+def rcl_term(out, batch) -> Tensor:
+    """L_RCL between the last clean state and the last state of the corrupted view (shared with L_NID)."""
+    cfg = out.config.rcl
+    noisy_states, _ = out.corrupted(batch)
+    head = out.model.heads["rcl"]
+    return rcl_loss(head(out.states[:, -1]).float(), head(noisy_states[:, -1]).float(), cfg.tau,
+                    batch.items[:, -1] if cfg.mask_same_target else None)
+
+
+def rcl_heads(config, item_encoder) -> dict:
+    return {"rcl": ContrastiveHead(config.model.dim, enabled=config.objectives.rcl.head)}
+
+
+OBJECTIVE = Objective("rcl", rcl_term, rcl_heads, section="rcl")

@@ -93,11 +93,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
     # Several processes: uvicorn imports the app in each of them. Check the checkpoint once here first.
-    from pmmrec.training.checkpoint import load_checkpoint
+    from pmmrec.models.loading import read_checkpoint
 
-    load_checkpoint(checkpoint)
+    read_checkpoint(checkpoint)
     if compare is not None:
-        load_checkpoint(compare)
+        read_checkpoint(compare)
     os.environ[_ENV] = json.dumps(options)
     uvicorn.run("pmmrec.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)

@@ -1,1 +1,6 @@
-"""Training: the loop, optimiser groups and schedules, checkpoints with exact resume, run folders."""
+"""Training: the public entry points (:func:`train`, :func:`pretrain`, :func:`transfer`), the loop
+(:mod:`~pmmrec.training.trainer`), the objective module, optimiser, run folders and transfer by part."""
+
+from pmmrec.training.api import fit, pretrain, train, transfer
+
+__all__ = ["fit", "pretrain", "train", "transfer"]

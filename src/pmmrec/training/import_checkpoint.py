@@ -41,7 +41,7 @@ import torch
 from pmmrec.config import Config, load_config
 from pmmrec.errors import PmmrecError
 from pmmrec.models.pmmrec import PMMRec
-from pmmrec.training.checkpoint import save_checkpoint
+from pmmrec.runtime.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 

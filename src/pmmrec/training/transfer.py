@@ -19,8 +19,8 @@ import torch
 
 from pmmrec.config import Config, load_config
 from pmmrec.errors import PmmrecError
+from pmmrec.models.loading import read_checkpoint
 from pmmrec.models.pmmrec import FROZEN_DIGEST, PMMRec
-from pmmrec.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def init_from(model: PMMRec, path: str, parts: str) -> TransferReport:
     if model.item_encoder.tower == "id" and "item_encoder." in PARTS[parts]:
         raise PmmrecError("an ID-based item tower cannot be transferred to new items; use model.item_tower=content "
                           "or transfer.parts=user_encoder")
-    report = load_parts(model, load_checkpoint(path)["model"], parts)
+    report = load_parts(model, read_checkpoint(path).state["model"], parts)
     log.info("%s from %s", report.summary(), path)
     for name, why in sorted(report.skipped.items()):
         log.debug("skipped %s: %s", name, why)

@@ -16,7 +16,7 @@ from pmmrec import NewItem, Recommender
 from pmmrec.config import load_config
 from pmmrec.data.synth import SynthConfig, _title, read_item_concepts, synthesize_world
 from pmmrec.data.synth_assets import PROFILES, STYLES, draw_image
-from pmmrec.training.trainer import Trainer
+from pmmrec.training.api import fit
 
 REPO = Path(__file__).resolve().parents[3]
 WORLD = SynthConfig(seed=0, quick=True, num_categories=4, num_styles=2, items_per_concept=6,
@@ -38,7 +38,7 @@ def test_new_items_are_recommended_for_histories_of_their_concept(tmp_path):
     synthesize_world(world, WORLD)
     config = load_config(REPO / "configs" / "tiny.yaml", [
         f"data.domain={world / 'target'}", f"run.dir={tmp_path / 'run'}", "train.epochs=2", "model.fusion=sum"])
-    Trainer(config).fit()
+    fit(config)
     rec = Recommender.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     concepts = range(WORLD.num_concepts)
     new = [new_item(f"new{c}_{r}", c, r) for c in concepts for r in range(2)]

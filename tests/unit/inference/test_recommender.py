@@ -16,7 +16,7 @@ from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import CannotAddItemsError, DuplicateItemsError, UnknownItemsError, UnknownItemWarning
 from pmmrec.inference.export import export_embeddings
-from pmmrec.training.trainer import Trainer
+from pmmrec.training.api import fit
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[3]
 def train_tiny(domain: Path, run: Path, *overrides: str) -> Path:
     config = load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={domain}", f"run.dir={run}",
                                                          "train.epochs=1", "train.max_steps=2", *overrides])
-    Trainer(config).fit()
+    fit(config)
     return run / "checkpoints" / "last.pt"
 
 

@@ -20,7 +20,7 @@ from pmmrec import Recommender
 from pmmrec.config import load_config
 from pmmrec.serving.app import create_app
 from pmmrec.serving.schemas import ServiceLimits
-from pmmrec.training.trainer import Trainer
+from pmmrec.training.api import fit
 
 REPO = Path(__file__).resolve().parents[3]
 LIMITS = ServiceLimits(max_history=50, max_k=20, max_items_per_request=4, max_title_chars=100, max_id_chars=40,
@@ -30,7 +30,7 @@ LIMITS = ServiceLimits(max_history=50, max_k=20, max_items_per_request=4, max_ti
 def train_tiny(domain: Path, run: Path, *overrides: str) -> Path:
     config = load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={domain}", f"run.dir={run}",
                                                          "train.epochs=1", "train.max_steps=1", *overrides])
-    Trainer(config).fit()
+    fit(config)
     return run / "checkpoints" / "last.pt"
 
 

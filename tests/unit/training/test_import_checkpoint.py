@@ -25,7 +25,7 @@ from pmmrec.data.images import CLIP_MEAN, CLIP_STD
 from pmmrec.errors import PmmrecError
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import minilm_path
-from pmmrec.training.checkpoint import load_checkpoint
+from pmmrec.runtime.checkpoint import load_checkpoint
 from pmmrec.training.import_checkpoint import PAPER, import_checkpoint, map_name
 from pmmrec.training.transfer import init_from, transfer_config
 

@@ -19,7 +19,7 @@ import torch
 
 from pmmrec.cli import main
 from pmmrec.errors import PmmrecError
-from pmmrec.training.checkpoint import _TRAILER, load_checkpoint, load_resume_checkpoint
+from pmmrec.runtime.checkpoint import _TRAILER, load_checkpoint, load_resume_checkpoint
 
 SRC = Path(__file__).resolve().parents[3] / "src" / "pmmrec"
 

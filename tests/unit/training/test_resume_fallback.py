@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pmmrec.errors import PmmrecError
-from pmmrec.training.checkpoint import load_checkpoint, load_resume_checkpoint, previous_path, save_checkpoint
+from pmmrec.runtime.checkpoint import load_checkpoint, load_resume_checkpoint, previous_path, save_checkpoint
 
 
 def _state(update):

@@ -7,7 +7,7 @@ import torch
 
 from pmmrec.errors import PmmrecError
 from pmmrec.objectives import log_popularity, next_item_loss
-from pmmrec.training import distributed
+from pmmrec.runtime import distributed
 
 
 def test_without_torchrun_there_is_no_process_group(monkeypatch):

@@ -147,3 +147,19 @@ def load_resume_checkpoint(candidates: list[Path],
     if problems:
         raise PmmrecError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
     return None
+
+
+def load_best_model(best: Path, last: Path, update: int) -> dict[str, Any]:
+    """``best``'s model weights; if ``best`` is corrupted, the same weights from ``last`` or its predecessor when
+    one of them was written at the same evaluation (the same optimiser ``update``), else the checksum error."""
+    try:
+        return load_checkpoint(best)["model"]
+    except PmmrecError as e:
+        for path in (last, previous_path(last)):
+            if path.is_file():
+                with contextlib.suppress(PmmrecError):
+                    state = load_checkpoint(path)
+                    if state["trainer_state"]["update"] == update:
+                        log.error("%s; using %s, written at the same step %d", e, path, update)
+                        return state["model"]
+        raise

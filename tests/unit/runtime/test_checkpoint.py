@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pmmrec.errors import PmmrecError
-from pmmrec.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmmrec.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def test_round_trip_restores_rng_streams(tmp_path):

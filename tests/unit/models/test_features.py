@@ -7,7 +7,7 @@ import torch
 from pmmrec.config import load_config
 from pmmrec.data.domain import read_domain
 from pmmrec.data.item_features import ItemFeatureStore
-from pmmrec.models.feature_cache import cache_frozen_features
+from pmmrec.models.features import cache_frozen_features
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.pretrained import tokenizer_dir
 
@@ -83,7 +83,7 @@ def test_frozen_prefix_cache_matches_the_full_forward_and_its_gradients(tiny_dom
 
 
 def test_training_curves_match_with_and_without_the_prefix_cache(tiny_domain, tmp_path):
-    from pmmrec.training.trainer import Trainer
+    from pmmrec.training.api import build_trainer
 
     losses = {}
     for cache in (False, True):
@@ -91,17 +91,15 @@ def test_training_curves_match_with_and_without_the_prefix_cache(tiny_domain, tm
                                     "data.missing_image=blank", "data.min_seq_len=3", "train.batch_size=2",
                                     f"run.dir={tmp_path / str(cache)}", f"train.feature_cache={str(cache).lower()}",
                                     "train.device=cpu"])
-        trainer = Trainer(config)
-        assert (trainer.data.store.image_states is not None) == cache
+        trainer = build_trainer(config)
+        assert (trainer.batches.store.image_states is not None) == cache
         trainer.model.train()
         losses[cache] = []
         for epoch in range(3):
             trainer.epoch = epoch
-            for batch in trainer.batches(epoch, 0):
-                loss, _ = trainer.loss(batch)
-                loss.backward()
-                trainer._optimizer_step(config.train)
-                losses[cache].append(loss.item())
+            for batch in trainer.batches.epoch(epoch, 0):
+                loss, _ = trainer.train_step(batch)
+                losses[cache].append(loss)
     assert len(losses[True]) == 6
     np.testing.assert_allclose(losses[True], losses[False], rtol=2e-3)
 
@@ -193,7 +191,7 @@ def test_features_are_reused_across_runs_from_one_cache_dir(tiny_domain, tmp_pat
     calls = []
     _count_calls(encoder.text, calls)
     _count_calls(encoder.vision, calls)
-    with caplog.at_level("INFO", logger="pmmrec.models.feature_cache"):
+    with caplog.at_level("INFO", logger="pmmrec.models.features"):
         cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False, cache_dir=tmp_path)
     assert sum(calls) > 0 and "cached text features: 7 items computed" in caplog.text
     first_text, first_image = store.text_states.clone(), store.image_states.clone()
@@ -204,7 +202,7 @@ def test_features_are_reused_across_runs_from_one_cache_dir(tiny_domain, tmp_pat
     _count_calls(encoder2.text, calls)
     _count_calls(encoder2.vision, calls)
     caplog.clear()
-    with caplog.at_level("INFO", logger="pmmrec.models.feature_cache"):
+    with caplog.at_level("INFO", logger="pmmrec.models.features"):
         assert cache_frozen_features(encoder2, store2, torch.device("cpu"), batch_size=3, progress=False,
                                      cache_dir=tmp_path) == ["text", "vision"]
     assert calls == []

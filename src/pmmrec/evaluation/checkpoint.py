@@ -1,0 +1,44 @@
+"""``pmmrec evaluate``: a checkpoint's model, evaluated with full ranking on a domain (no trainer involved)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pmmrec.data.sources import eval_splits, load_split
+from pmmrec.errors import PmmrecError
+from pmmrec.evaluation.evaluator import SplitEvaluator
+from pmmrec.models.features import build_feature_store, cache_frozen_features
+from pmmrec.models.loading import load_model
+from pmmrec.runtime import distributed
+from pmmrec.runtime.device import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (),
+                        splits: list[str] | None = None) -> dict:
+    """Metrics of the checkpoint at ``path`` on ``data.domain`` (the checkpoint's own, unless overridden);
+    under torchrun the catalogue and the users are sharded over the processes."""
+    try:
+        loaded = load_model(path, overrides)
+        config, model = loaded.config, loaded.model
+        split = load_split(config)
+        if list(split.item_ids) != loaded.item_ids and config.model.item_tower == "id":
+            raise PmmrecError(f"{path}: an ID-based model can only be evaluated on the catalogue it was trained on")
+        device = resolve_device(config.train.device)
+        model.to(device)
+        # The frozen encoder parts run through the feature cache, as in training, so a checkpoint evaluates to
+        # the numbers its run reported.
+        cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else Path(config.run.dir) / "cache"
+        with distributed.main_first():
+            store = build_feature_store(config, model.item_encoder, split.titles, split.image_sources,
+                                        cache_dir=cache_dir)
+            cache_frozen_features(model.item_encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
+                                  prefixes=config.train.feature_cache, progress=distributed.is_main())
+        valid, test = eval_splits(split, config.data.max_seq_len)
+        evaluator = SplitEvaluator(store, split.num_items, valid, test, config.eval, device)
+        item_vecs = evaluator.catalogue(model)  # encoded once, shared by the splits
+        return {which: evaluator.evaluate(model, which, item_vecs) for which in (splits or ["valid", "test"])}
+    finally:
+        distributed.cleanup()

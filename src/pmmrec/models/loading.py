@@ -1,0 +1,64 @@
+"""Checkpoint -> config -> model -> weights, in one place (evaluate, recommend, serve, transfer, the demo).
+
+A checkpoint (:mod:`pmmrec.runtime.checkpoint`: SHA-256-verified, loaded with ``weights_only=True``) stores the
+resolved config and the item ids it was trained on next to the weights. :func:`read_checkpoint` reads and checks
+it and rebuilds its config (with optional overrides); :func:`load_model` also rebuilds the model and loads its
+weights, verifying a compact checkpoint's omitted frozen encoder weights against their stored digest
+(:meth:`PMMRec.load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pmmrec.config import Config, config_from_dict
+from pmmrec.errors import PmmrecError
+from pmmrec.models.pmmrec import PMMRec
+from pmmrec.runtime.checkpoint import load_checkpoint
+
+__all__ = ["Checkpoint", "LoadedModel", "load_model", "read_checkpoint"]
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    state: dict[str, Any]  # everything the file holds (model, optimiser, trainer state, config, item ids, ...)
+    config: Config  # the stored config, with the caller's overrides applied
+    item_ids: list[str]  # the catalogue the model was trained on, in item-number order
+
+
+@dataclass
+class LoadedModel:
+    model: PMMRec  # in eval mode, on the requested device
+    config: Config
+    item_ids: list[str]
+    path: str
+
+
+def read_checkpoint(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Checkpoint:
+    """Read a checkpoint and rebuild its config (``overrides`` as on the command line, e.g. ``data.domain=...``)."""
+    path = str(path)
+    state = load_checkpoint(path)
+    for key in ("model", "config", "item_ids"):
+        if key not in state:
+            raise PmmrecError(f"{path}: not a pmmrec checkpoint (no {key!r} entry)")
+    config = config_from_dict(state["config"], overrides, source=f"{path} (stored config)")
+    return Checkpoint(path, state, config, [str(i) for i in state["item_ids"]])
+
+
+def load_model(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """The model of the checkpoint at ``path`` with its weights, in eval mode on ``device``.
+
+    The model is sized for the catalogue it was trained on; a content model (no ID embedding) encodes any
+    catalogue, an ID model only that one.
+    """
+    checkpoint = read_checkpoint(path, overrides)
+    model = PMMRec(checkpoint.config, len(checkpoint.item_ids))
+    model.load_state_dict(checkpoint.state["model"])
+    model.to(device).eval()
+    return LoadedModel(model, checkpoint.config, checkpoint.item_ids, checkpoint.path)
