@@ -42,7 +42,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     groups = _parse_groups(args.group) if args.group else None
     if args.split_by and not groups:
         raise PmmrecError("--split-by needs at least one --group NAME=VALUE,VALUE (e.g. --group kids=Animation)")
-    from pmmrec.data.prepare import PrepareColumns, prepare_domain
+    from pmmrec.data.prepare import prepare_domain
+    from pmmrec.data.tables import PrepareColumns
 
     columns = PrepareColumns(user=args.user_col, item=args.item_col, time=args.time_col, title=args.title_col,
                              image=args.image_col, meta_item=args.meta_item_col, sep=args.sep,
