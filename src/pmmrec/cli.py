@@ -42,7 +42,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     groups = _parse_groups(args.group) if args.group else None
     if args.split_by and not groups:
         raise PmmrecError("--split-by needs at least one --group NAME=VALUE,VALUE (e.g. --group kids=Animation)")
-    from pmmrec.data.prepare import PrepareColumns, prepare_domain
+    from pmmrec.data.prepare import prepare_domain
+    from pmmrec.data.tables import PrepareColumns
 
     columns = PrepareColumns(user=args.user_col, item=args.item_col, time=args.time_col, title=args.title_col,
                              image=args.image_col, meta_item=args.meta_item_col, sep=args.sep,
@@ -269,52 +270,98 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> None:
 # parser
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("-c", "--config", required=required, help="YAML recipe (see configs/)")
+def _config_args(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    """``-c/--config`` and the ``key=value`` overrides; with ``resume``, ``--resume`` before them."""
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
+    p.add_argument("-c", "--config", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
 
 
-def build_parser() -> argparse.ArgumentParser:
+DESCRIPTION = ("Transferable, ID-free, multi-modal sequential recommendation (PMMRec, ICDE 2024).\n"
+               "Items are known only by their title and image, so new items are recommendable at once.")
+EPILOG = (
+    "typical flow:\n"
+    "  pmmrec data synth --out data/world            # the built-in multi-domain world\n"
+    "  pmmrec pretrain -c configs/cpu.yaml run.dir=runs/pretrain \\\n"
+    "      data.sources=[data/world/books,data/world/films,data/world/games]  # pretrain on the source domains\n"
+    "  pmmrec transfer -c configs/cpu.yaml --from runs/pretrain/checkpoints/best.pt \\\n"
+    "      data.domain=data/world/target run.dir=runs/transfer                # fine-tune on the target domain\n"
+    "  pmmrec evaluate --checkpoint runs/transfer/checkpoints/best.pt\n"
+    "Run `pmmrec COMMAND --help` for each command's options and an example."
+)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The options every parser accepts (a parent parser): --debug and --verbose."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    formatter = argparse.RawDescriptionHelpFormatter
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="pmmrec", parents=[common], formatter_class=formatter,
-        description="Transferable, ID-free, multi-modal sequential recommendation (PMMRec, ICDE 2024).\n"
-                    "Items are known only by their title and image, so new items are recommendable at once.",
-        epilog="typical flow:\n"
-               "  pmmrec data synth --out data/world            # the built-in multi-domain world\n"
-               "  pmmrec pretrain -c configs/pretrain.yaml      # pretrain on the source domains\n"
-               "  pmmrec transfer -c configs/transfer.yaml --from runs/pretrain/checkpoints/best.pt\n"
-               "  pmmrec evaluate -c configs/transfer.yaml\n"
-               "Run `pmmrec COMMAND --help` for each command's options and an example.")
+
+def _command(subparsers, name: str, help: str, example: str, func, **kw) -> argparse.ArgumentParser:
+    """A command run by ``func``: its help is also its description, its example the epilog."""
+    p = subparsers.add_parser(name, help=help, description=help, parents=[_common_options()],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_example(example), **kw)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmmrec", parents=[_common_options()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"pmmrec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_inference_commands(sub)
+    _add_bench_command(sub)
+    _add_misc_commands(sub)
+    return parser
 
-    def add(subparsers, name: str, help: str, example: str, func, **kw) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, help=help, description=help, parents=[common], formatter_class=formatter,
-                                  epilog=_example(example), **kw)
-        p.set_defaults(func=func)
-        return p
 
-    # data ------------------------------------------------------------------------------------------------------
+def _add_data_commands(sub) -> None:
+    """``pmmrec data``: synth, prepare, build-images, stats, then the importers and exporter."""
     data = sub.add_parser("data", help="prepare domains, build image databases, synthesise the built-in world",
-                          parents=[common])
+                          parents=[_common_options()])
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
-    p = add(dsub, "synth", "write the built-in multi-domain world (3 source domains + `target`)",
-            "pmmrec data synth --out data/world --seed 0", cmd_data_synth)
+    p = _command(dsub, "synth", "write the built-in multi-domain world (3 source domains + `target`)",
+                 "pmmrec data synth --out data/world --seed 0", cmd_data_synth)
     p.add_argument("--out", required=True, help="output folder (one domain folder per domain)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--quick", action="store_true", help="a tiny world, for tests and smoke runs")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add(dsub, "prepare", "import an interaction log + item metadata (+ images) into a domain folder",
-            "pmmrec data prepare ratings.csv movies.csv --out data/ml1m --images posters/ "
-            "--item-col movie_id --user-col user_id --meta-item-col movie_id", cmd_data_prepare)
+    _add_data_prepare(dsub)
+
+    p = _command(dsub, "build-images", "build an image LMDB from a folder of image files (file stem = item id)",
+                 "pmmrec data build-images posters/ data/ml1m/images.lmdb --workers 2", cmd_data_build_images)
+    p.add_argument("image_dir", help="folder of images (searched recursively)")
+    p.add_argument("out", help="the LMDB folder to create")
+    p.add_argument("--workers", type=int, default=None, help="decode/validate processes (default: all cores)")
+    p.add_argument("--resize", type=int, default=None, help="store re-encoded with the longer side <= PX")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report listing every bad, duplicated and "
+                   "unused file with its reason (the log names the first five)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = _command(dsub, "stats", "print users / items / interactions / density / sequence lengths of a domain",
+                 "pmmrec data stats data/world/target", cmd_data_stats)
+    p.add_argument("domain", help="a domain folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    _add_data_interchange(dsub)
+
+
+def _add_data_prepare(dsub) -> None:
+    """``pmmrec data prepare`` (:func:`pmmrec.data.prepare.prepare_domain`): column names, filters, groups."""
+    p = _command(dsub, "prepare", "import an interaction log + item metadata (+ images) into a domain folder",
+                 "pmmrec data prepare ratings.csv movies.csv --out data/ml1m --images posters/ "
+                 "--item-col movie_id --user-col user_id --meta-item-col movie_id", cmd_data_prepare)
     p.add_argument("interactions", help="CSV/TSV/Parquet with user, item, timestamp columns")
     p.add_argument("items", help="CSV/TSV/Parquet with item, title[, image_path][, list columns such as genres]")
     p.add_argument("--out", required=True, help="output domain folder (or parent folder with --split-by)")
@@ -336,25 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a domain of --split-by: items whose values meet V1,V2 (first matching group wins)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add(dsub, "build-images", "build an image LMDB from a folder of image files (file stem = item id)",
-            "pmmrec data build-images posters/ data/ml1m/images.lmdb --workers 2", cmd_data_build_images)
-    p.add_argument("image_dir", help="folder of images (searched recursively)")
-    p.add_argument("out", help="the LMDB folder to create")
-    p.add_argument("--workers", type=int, default=None, help="decode/validate processes (default: all cores)")
-    p.add_argument("--resize", type=int, default=None, help="store re-encoded with the longer side <= PX")
-    p.add_argument("--report", metavar="FILE", help="write a JSON report listing every bad, duplicated and "
-                   "unused file with its reason (the log names the first five)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    p = add(dsub, "stats", "print users / items / interactions / density / sequence lengths of a domain",
-            "pmmrec data stats data/world/target", cmd_data_stats)
-    p.add_argument("domain", help="a domain folder")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = add(dsub, "import-reference", "import the PMMRec authors' release (<name>_users.tsv, "
-            "<name>_items_texts.tsv, pickled-image <name>_items_images.lmdb) into a domain folder; images are "
-            "unpickled with an allow-list (anything else is refused) and re-encoded",
-            "pmmrec data import-reference downloads/bili_food --out data/bili_food", cmd_data_import_reference)
+def _add_data_interchange(dsub) -> None:
+    """``pmmrec data import-reference``, ``import-atomic`` and ``export-atomic``."""
+    p = _command(dsub, "import-reference", "import the PMMRec authors' release (<name>_users.tsv, "
+                 "<name>_items_texts.tsv, pickled-image <name>_items_images.lmdb) into a domain folder; images are "
+                 "unpickled with an allow-list (anything else is refused) and re-encoded",
+                 "pmmrec data import-reference downloads/bili_food --out data/bili_food", cmd_data_import_reference)
     p.add_argument("folder", help="the folder holding the reference files")
     p.add_argument("--name", help="the files' prefix, e.g. bilibili_food (needed when the folder holds several)")
     p.add_argument("--out", required=True, help="the domain folder to create")
@@ -364,11 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items with an empty title: fail (default) or keep them with an empty title")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add(dsub, "import-atomic", "import RecBole atomic files into a domain folder: <name>.inter + <name>.item "
-            "(typed headers, title and optional image column), or the benchmark files "
-            "<name>.{train,valid,test}.inter that export-atomic writes",
-            "pmmrec data import-atomic recbole/ml-1m --out data/ml-1m --images recbole/ml-1m/posters",
-            cmd_data_import_atomic)
+    p = _command(dsub, "import-atomic",
+                 "import RecBole atomic files into a domain folder: <name>.inter + <name>.item "
+                 "(typed headers, title and optional image column), or the benchmark files "
+                 "<name>.{train,valid,test}.inter that export-atomic writes",
+                 "pmmrec data import-atomic recbole/ml-1m --out data/ml-1m --images recbole/ml-1m/posters",
+                 cmd_data_import_atomic)
     p.add_argument("folder", help="the folder holding the atomic files")
     p.add_argument("--out", required=True, help="the domain folder to create")
     p.add_argument("--name", help="the dataset name (the files' prefix) when the folder holds several")
@@ -380,12 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items with an empty title: fail (default) or keep them with an empty title")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add(dsub, "export-atomic", "write a domain's exact leave-one-out split as RecBole benchmark files "
-            "(<name>.{train,valid,test}.inter, <name>.item, a RecBole config and a split manifest), so any RecBole "
-            "model trains and tests on the same examples; the split follows the recipe's data.max_seq_len and "
-            "data.min_seq_len",
-            "pmmrec data export-atomic data/world/target --out recbole/target --config configs/tiny.yaml",
-            cmd_data_export_atomic)
+    p = _command(dsub, "export-atomic", "write a domain's exact leave-one-out split as RecBole benchmark files "
+                 "(<name>.{train,valid,test}.inter, <name>.item, a RecBole config and a split manifest), "
+                 "so any RecBole model trains and tests on the same examples; the split follows the recipe's "
+                 "data.max_seq_len and data.min_seq_len",
+                 "pmmrec data export-atomic data/world/target --out recbole/target --config configs/tiny.yaml",
+                 cmd_data_export_atomic)
     p.add_argument("domain", help="a domain folder")
     p.add_argument("--out", required=True, help="output folder; its name is the RecBole dataset name")
     p.add_argument("-c", "--config", help="the run's YAML recipe, whose data.max_seq_len/min_seq_len set the split")
@@ -395,40 +431,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", action="store_true", help="also write each item's image into OUT/images/")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    # config ----------------------------------------------------------------------------------------------------
-    cfg = sub.add_parser("config", help="inspect configurations", parents=[common])
-    csub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
-    p = add(csub, "show", "print the fully resolved config (recipe + overrides + defaults)",
-            "pmmrec config show -c configs/tiny.yaml model.fusion=sum", cmd_config_show)
-    _config_args(p)
 
-    # training and beyond ------------------------------------------------------------------------------------------
-    p = add(sub, "pretrain", "pretrain on several source domains (next-item, NICL, NID, RCL)",
-            "pmmrec pretrain -c configs/cpu.yaml data.sources=[data/world/books,data/world/films] "
-            "run.dir=runs/pretrain", cmd_pretrain)
+def _add_training_commands(sub) -> None:
+    """``pmmrec config show``, ``pretrain``, ``transfer`` and ``train``."""
+    cfg = sub.add_parser("config", help="inspect configurations", parents=[_common_options()])
+    csub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    p = _command(csub, "show", "print the fully resolved config (recipe + overrides + defaults)",
+                 "pmmrec config show -c configs/tiny.yaml model.fusion=sum", cmd_config_show)
+    _config_args(p)
+    p = _command(sub, "pretrain", "pretrain on several source domains (next-item, NICL, NID, RCL)",
+                 "pmmrec pretrain -c configs/cpu.yaml data.sources=[data/world/books,data/world/films] "
+                 "run.dir=runs/pretrain", cmd_pretrain)
     p.add_argument("--objectives", default="rec,nicl,nid,rcl", metavar="LIST",
                    help="pretraining objectives, any subset of rec,nicl,nid,rcl (default: all four; "
                         "nicl needs the multimodal item tower). Weights: objectives.weights.NAME=W")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
-    _config_args(p)
-    p = add(sub, "transfer", "fine-tune a pretrained checkpoint on a target domain, by part and modality",
-            "pmmrec transfer -c configs/transfer.yaml --from runs/pretrain/checkpoints/best.pt "
-            "transfer.parts=item_encoder data.domain=data/world/target run.dir=runs/transfer", cmd_transfer)
+    _config_args(p, resume=True)
+    p = _command(sub, "transfer", "fine-tune a pretrained checkpoint on a target domain, by part and modality",
+                 "pmmrec transfer -c configs/cpu.yaml --from runs/pretrain/checkpoints/best.pt "
+                 "transfer.parts=item_encoder data.domain=data/world/target run.dir=runs/transfer", cmd_transfer)
     p.add_argument("--objectives", metavar="LIST", help="fine-tuning objectives (default: objectives.use, i.e. rec)")
     p.add_argument("--from", dest="checkpoint", help="the pretrained checkpoint (its text/vision/model settings "
                    "are used unless the recipe or overrides change them)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
-    _config_args(p)
-    p = add(sub, "train", "train from scratch on one domain (any item tower); writes run.dir",
-            "pmmrec train -c configs/tiny.yaml data.domain=data/world/target run.dir=runs/tiny", cmd_train)
+    _config_args(p, resume=True)
+    p = _command(sub, "train", "train from scratch on one domain (any item tower); writes run.dir",
+                 "pmmrec train -c configs/tiny.yaml data.domain=data/world/target run.dir=runs/tiny", cmd_train)
     p.add_argument("--objectives", metavar="LIST", help="objectives (default: objectives.use, i.e. rec)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from run.dir/checkpoints/last.pt exactly where it stopped")
-    _config_args(p)
-    p = add(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K, both protocols) of a checkpoint",
-            "pmmrec evaluate --checkpoint runs/tiny/checkpoints/best.pt [data.domain=OTHER_DOMAIN]", cmd_evaluate)
+    _config_args(p, resume=True)
+
+
+def _add_inference_commands(sub) -> None:
+    """``pmmrec evaluate``, ``recommend``, ``export-embeddings`` and ``serve``: a trained checkpoint at work."""
+    p = _command(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K, both protocols) of a checkpoint",
+                 "pmmrec evaluate --checkpoint runs/tiny/checkpoints/best.pt [data.domain=OTHER_DOMAIN]",
+                 cmd_evaluate)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
     p.add_argument("--split", choices=["valid", "test"], action="append",
                    help="which split(s) to evaluate (default: both)")
@@ -436,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the checkpoint's config, e.g. data.domain=... eval.ks=[10]")
     domain_help = "the catalogue's domain folder (default: the checkpoint's data.domain)"
-    p = add(sub, "recommend", "top-K next items for a history of raw item ids",
-            "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10", cmd_recommend)
+    p = _command(sub, "recommend", "top-K next items for a history of raw item ids",
+                 "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10", cmd_recommend)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
     p.add_argument("--history", required=True, help="raw item ids, oldest first, separated by spaces")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
@@ -445,9 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-history", action="store_true", help="allow items of the history to be recommended")
     p.add_argument("--strict", action="store_true", help="fail on unknown ids (default: skip them with a warning)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = add(sub, "export-embeddings", "write item vectors (.npy) and their ids, optionally a faiss index",
-            "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy --faiss items.faiss",
-            cmd_export_embeddings)
+    p = _command(sub, "export-embeddings", "write item vectors (.npy) and their ids, optionally a faiss index",
+                 "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy "
+                 "--faiss items.faiss",
+                 cmd_export_embeddings)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
     p.add_argument("--out", required=True, help="the vectors file (.npy, float32, one row per item)")
     p.add_argument("--ids", help="the ids file, one per line in row order (default: OUT with .ids.txt)")
@@ -455,10 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faiss", metavar="FILE", help="also write an inner-product faiss index (needs faiss-cpu)")
     p.add_argument("--faiss-kind", choices=["hnsw", "flat"], default="hnsw",
                    help="hnsw: approximate, for large catalogues (default); flat: exact")
-    p = add(sub, "serve", "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics; "
-            "the explorer page at / (users' histories and recommendations as pictures, add an item)",
-            "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000 [--compare runs/y/checkpoints/best.pt]",
-            cmd_serve)
+    p = _command(sub, "serve",
+                 "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics; "
+                 "the explorer page at / (users' histories and recommendations as pictures, add an item)",
+                 "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000 "
+                 "[--compare runs/y/checkpoints/best.pt]",
+                 cmd_serve)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -474,17 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="CHECKPOINT",
                    help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
                         "over the same catalogue")
-    p = add(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
-            "pmmrec bench train --out bench.json --quick", cmd_bench)
+
+
+def _add_bench_command(sub) -> None:
+    """``pmmrec bench WHAT``: each benchmark is a module ``pmmrec.bench.<what>`` (:func:`cmd_bench`)."""
+    p = _command(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
+                 "pmmrec bench train --out bench.json --quick", cmd_bench)
     p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "
                    "vs a raw matmul+top-K floor; serve: HTTP latency under concurrent load")
     p.add_argument("--out", help="JSON file for the results (default: bench-WHAT.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, done in seconds (for tests)")
 
-    p = add(sub, "import-checkpoint", "convert the PMMRec authors' pretrained checkpoint (e.g. Pmmrec_pt) into a "
-            "pmmrec checkpoint for `pmmrec transfer --from`; every tensor is reported mapped or unmapped",
-            "pmmrec import-checkpoint pretrain-PT/epoch-0.pt --text-encoder models/xlm-roberta-base "
-            "--vision-encoder models/clip-vit-base-patch32 --out pmmrec_pt.pt", cmd_import_checkpoint)
+
+def _add_misc_commands(sub) -> None:
+    """``pmmrec import-checkpoint``, ``demo`` and ``report``."""
+    p = _command(sub, "import-checkpoint",
+                 "convert the PMMRec authors' pretrained checkpoint (e.g. Pmmrec_pt) into a "
+                 "pmmrec checkpoint for `pmmrec transfer --from`; every tensor is reported mapped or unmapped",
+                 "pmmrec import-checkpoint pretrain-PT/epoch-0.pt --text-encoder models/xlm-roberta-base "
+                 "--vision-encoder models/clip-vit-base-patch32 --out pmmrec_pt.pt", cmd_import_checkpoint)
     p.add_argument("reference", help="the reference checkpoint (read with torch.load(weights_only=True))")
     p.add_argument("--text-encoder", required=True, help="local folder of the text encoder it was trained with "
                    "(paper: xlm-roberta-base; architecture and tokenizer, the weights come from the checkpoint)")
@@ -496,20 +542,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (paper: 2)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
 
-    p = add(sub, "demo", "the end-to-end demo on the built-in world (what `make demo` runs)",
-            "pmmrec demo --out runs/demo --quick", cmd_demo)
+    p = _command(sub, "demo", "the end-to-end demo on the built-in world (what `make demo` runs)",
+                 "pmmrec demo --out runs/demo --quick", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="demo folder (report.md, world/, config.yaml)")
     p.add_argument("--quick", action="store_true", help="a tiny world, done in seconds")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the objective ablation (two extra pretrainings: rec only, rec + NICL)")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
-    p = add(sub, "report", "compare finished runs: one table (HR@10, NDCG@10, gain vs a baseline) and a plot",
-            "pmmrec report runs/scratch runs/transfer runs/transfer-text --out runs/compare", cmd_report)
+    p = _command(sub, "report", "compare finished runs: one table (HR@10, NDCG@10, gain vs a baseline) and a plot",
+                 "pmmrec report runs/scratch runs/transfer runs/transfer-text --out runs/compare", cmd_report)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding results.json")
     p.add_argument("--baseline", metavar="RUN", help="the run the gains are relative to (default: the first RUN)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/report.md, report.json and report.png")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,8 @@ def import_atomic(source: str | os.PathLike, out: str | os.PathLike, *, name: st
 def _import_interactions(inter: Path, item_file: Path, out: Path, item_col: str, title_col: str,
                          image_col: str | None, images: Path | None, min_seq_len: int, empty_title: str,
                          overwrite: bool, progress: bool, report: AtomicImportReport) -> None:
-    from pmmrec.data.prepare import PrepareColumns, prepare_domain
+    from pmmrec.data.prepare import prepare_domain
+    from pmmrec.data.tables import PrepareColumns
 
     fields = read_header(inter)
     columns = PrepareColumns(

@@ -3,7 +3,7 @@
 Inputs are a generic interaction table (``user,item,timestamp``; CSV, TSV or Parquet, optionally ``.gz``) and an
 item metadata table (``item,title[,image_path][,genres...]``). The steps, in order:
 
-1. read both tables, validating every row (errors name the file, line and column);
+1. read both tables, validating every row (errors name the file, line and column; :mod:`pmmrec.data.tables`);
 2. drop exact duplicate ``(user, item, timestamp)`` rows, and rows whose item is not in the metadata;
 3. (``split_by``) assign each item to the first group whose values it carries, one domain per group;
 4. per domain: iterative k-core filtering (off by default), then drop users with fewer than ``min_seq_len``
@@ -20,14 +20,10 @@ the image database: a silent rewrite would make them disagree with the user's ow
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,35 +31,13 @@ from typing import Literal
 import numpy as np
 
 from pmmrec.data.domain import IMAGES_DB, MAX_OFFENDERS, write_domain_tables
+from pmmrec.data.tables import InteractionLog, ItemTable, PrepareColumns, read_interactions, read_items
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "prepare_report.json"
-_TEXT_SEPARATORS = ("\t", ",", ";", "|")  # candidates when sniffing a header line
-# Accepted spellings of a column left at its default name (matched case-insensitively), e.g. MovieLens' movie_id.
-_ALIASES = {
-    "user": ("user_id", "userid", "uid", "user"),
-    "item": ("item_id", "itemid", "movie_id", "movieid", "iid", "item"),
-    "timestamp": ("time", "ts", "unix_time", "timestamp"),
-    "title": ("name", "item_title", "title"),
-    "image_path": ("image", "image_file", "poster", "image_path"),
-}
-
-
-@dataclass(frozen=True)
-class PrepareColumns:
-    """How to read the input tables. A column left at its default name also matches the aliases in ``_ALIASES``."""
-
-    user: str = "user"
-    item: str = "item"  # the item column of the interactions (and of the metadata, unless meta_item is set)
-    meta_item: str | None = None  # the item column of the metadata, when it is named differently
-    time: str | None = "timestamp"  # None (or ""): the file order is chronological
-    title: str = "title"
-    image: str | None = "image_path"  # optional per-item image file, found in the image folder by its stem
-    sep: str = "auto"  # field separator of CSV/TSV files; "auto": tab for .tsv, else sniffed from the header
-    list_sep: str = "|"  # separator inside a list-valued column (MovieLens genres: Action|Comedy)
 
 
 @dataclass
@@ -119,271 +93,6 @@ class PrepareReport:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading tables
-
-
-def _resolve(path: Path, header: list[str], name: str | None, default: str | None, required: bool) -> int | None:
-    """Index of column ``name`` in ``header``: exact, then case-insensitive, then (default names only) aliases."""
-    if not name:
-        return None
-    if name in header:
-        return header.index(name)
-    lowered = [h.strip().lower() for h in header]
-    candidates = [name] + list(_ALIASES.get(name, ())) if name == default else [name]
-    for candidate in candidates:
-        if candidate.lower() in lowered:
-            return lowered.index(candidate.lower())
-    if not required:
-        return None
-    raise DataError(f"missing column {name!r}; the columns found are {header}", path, 1, name)
-
-
-def _sniff_separator(path: Path, first_line: str, sep: str) -> str:
-    if sep != "auto":
-        return {"\\t": "\t", "tab": "\t"}.get(sep, sep)
-    if _base_suffix(path) in (".tsv", ".tab"):
-        return "\t"
-    counts = [first_line.count(s) for s in _TEXT_SEPARATORS]
-    return _TEXT_SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
-
-
-def _base_suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
-def _open_text(path: Path):
-    # utf-8-sig drops the byte-order mark some spreadsheet tools write; newline="" is what the csv module expects.
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _utf8_error(path: Path) -> DataError:
-    """Locate the first invalid UTF-8 line (the streaming decoder cannot say which line it was on)."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return DataError(f"invalid UTF-8 at byte {e.start} of the line", path, number)
-    return DataError("invalid UTF-8", path)
-
-
-def _iter_table(path: Path, wanted: list[tuple[str | None, str | None, bool]], sep: str
-                ) -> tuple[list[str | None], Iterator[tuple[int, list]]]:
-    """Open a table and yield ``(line, [value per wanted column])``; absent optional columns give ``None``.
-
-    ``wanted`` holds ``(name, default name, required)``. Returns the column names actually matched and the row
-    iterator. For Parquet, "line" is the 1-based row number.
-    """
-    if not path.is_file():
-        raise DataError("file not found", path)
-    if _base_suffix(path) in (".parquet", ".pq"):
-        return _iter_parquet(path, wanted)
-    f = _open_text(path)
-    try:
-        first = f.readline()
-    except UnicodeDecodeError:
-        f.close()
-        raise _utf8_error(path) from None
-    delimiter = _sniff_separator(path, first, sep)
-    f.seek(0)
-    # TSV has no quoting (fields cannot hold tabs), so a title that starts with a quote is read literally.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        f.close()
-        raise DataError("empty file (a header line naming the columns is required)", path, 1) from None
-    except (csv.Error, UnicodeDecodeError):
-        f.close()
-        raise _utf8_error(path) from None
-    indices = [_resolve(path, header, name, default, required) for name, default, required in wanted]
-    names = [header[i] if i is not None else None for i in indices]
-
-    def rows() -> Iterator[tuple[int, list]]:
-        width = len(header)
-        end = reader.line_num  # last line of the previous record: a record (quoted newlines) may span lines
-        try:
-            for row in reader:
-                start, end = end + 1, reader.line_num
-                if len(row) != width:
-                    if not row or (len(row) == 1 and not row[0].strip()):
-                        continue  # blank line
-                    raise DataError(f"expected {width} fields (as in the header), got {len(row)}", path, start)
-                yield start, [row[i] if i is not None else None for i in indices]
-        except UnicodeDecodeError:
-            raise _utf8_error(path) from None
-        except csv.Error as e:
-            raise DataError(f"malformed CSV: {e}", path, end + 1) from None
-        finally:
-            f.close()
-
-    return names, rows()
-
-
-def _iter_parquet(path: Path, wanted: list[tuple[str | None, str | None, bool]]
-                  ) -> tuple[list[str | None], Iterator[tuple[int, list]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"cannot read Parquet: {e}", path) from None
-    header = list(table.column_names)
-    indices = [_resolve(path, header, name, default, required) for name, default, required in wanted]
-    names = [header[i] if i is not None else None for i in indices]
-    columns = []
-    for i in indices:
-        if i is None:
-            columns.append([None] * table.num_rows)
-            continue
-        column = table.column(i)
-        if pa.types.is_timestamp(column.type):
-            column = column.cast(pa.int64())  # in the column's own unit: only the order matters
-        columns.append(column.to_pylist())
-
-    def rows() -> Iterator[tuple[int, list]]:
-        for n, values in enumerate(zip(*columns, strict=True), start=1):
-            yield n, ["" if v is None else v for v in values]
-
-    return names, rows()
-
-
-def _check_id(value, path: Path, line: int, column: str) -> str:
-    text = value.strip() if isinstance(value, str) else str(value)
-    if not text:
-        raise DataError("empty id", path, line, column)
-    if text.split() != [text]:
-        raise DataError(f"id {text!r} contains whitespace (ids are written space-separated); "
-                        "clean the ids before preparing", path, line, column)
-    return text
-
-
-def _parse_time(value, path: Path, line: int, column: str):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        t = value
-    else:
-        text = value.strip()
-        if not text:
-            raise DataError("empty timestamp", path, line, column)
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                t = float(text)
-            except ValueError:
-                raise DataError(f"timestamp {text[:40]!r} is not a number (e.g. unix seconds)",
-                                path, line, column) from None
-    if not math.isfinite(t):
-        raise DataError(f"timestamp {value!r} is not finite", path, line, column)
-    return t
-
-
-@dataclass
-class _Items:
-    ids: list[str]
-    titles: list[str]
-    lines: list[int]  # metadata line of each item, for later errors
-    images: list[str | None]  # per-item image path, when the metadata names one
-    values: list[list[str]] | None  # the split_by column's values per item
-    index: dict[str, int]  # id -> position
-
-
-def _read_items(path: Path, columns: PrepareColumns, split_by: str | None) -> tuple[_Items, dict]:
-    d = PrepareColumns()
-    explicit_image = columns.image is not None and columns.image != d.image
-    wanted = [(columns.meta_item or columns.item, d.item, True), (columns.title, d.title, True),
-              (columns.image, d.image, explicit_image), (split_by, None, True)]
-    names, rows = _iter_table(path, wanted, columns.sep)
-    item_col, title_col = names[0], names[1]
-    items = _Items([], [], [], [], [] if split_by else None, {})
-    for line, (item, title, image, values) in rows:
-        item_id = _check_id(item, path, line, item_col)
-        if item_id in items.index:
-            first = items.lines[items.index[item_id]]
-            raise DataError(f"duplicate item id {item_id!r} (first on line {first})", path, line, item_col)
-        items.index[item_id] = len(items.ids)
-        items.ids.append(item_id)
-        items.titles.append(" ".join(str(title).split()))
-        items.lines.append(line)
-        items.images.append((str(image).strip() or None) if image is not None else None)
-        if items.values is not None:
-            if isinstance(values, str):
-                values = values.split(columns.list_sep)
-            items.values.append([str(v).strip() for v in values or () if str(v).strip()])
-    if not items.ids:
-        raise DataError("no items", path)
-    return items, {"item": item_col, "title": title_col, "image": names[2], "split_by": names[3]}
-
-
-@dataclass
-class _Log:
-    users: list[str]  # user id per user code (first-appearance order)
-    user: np.ndarray  # per row: user code
-    item: np.ndarray  # per row: item position in the metadata (-1: unknown)
-    time: np.ndarray  # per row: timestamp (or file position when there is no time column)
-
-
-def _read_log(path: Path, columns: PrepareColumns, items: _Items, report: PrepareReport) -> tuple[_Log, dict]:
-    d = PrepareColumns()
-    time_col = columns.time or None
-    wanted = [(columns.user, d.user, True), (columns.item, d.item, True), (time_col, d.time, True)]
-    names, rows = _iter_table(path, wanted, columns.sep)
-    user_col, item_col, t_col = names
-    raw_users: dict = {}  # raw cell value -> user code
-    user_codes_by_id: dict[str, int] = {}
-    user_ids: list[str] = []
-    unknown: dict[str, int] = {}  # unknown item id -> first line
-    user_codes: list[int] = []
-    item_codes: list[int] = []
-    times: list = []
-    index = items.index
-    for line, (user, item, t) in rows:
-        code = raw_users.get(user)
-        if code is None:
-            # Only new raw values are checked: the per-row cost stays one dict lookup.
-            uid = _check_id(user, path, line, user_col)
-            code = user_codes_by_id.get(uid)
-            if code is None:
-                code = user_codes_by_id[uid] = len(user_ids)
-                user_ids.append(uid)
-            raw_users[user] = code
-        position = index.get(item)
-        if position is None:
-            iid = item.strip() if isinstance(item, str) else str(item)
-            if not iid:
-                raise DataError("empty item id", path, line, item_col)
-            position = index.get(iid, -1)
-            if position < 0 and iid not in unknown:
-                unknown[iid] = line
-        user_codes.append(code)
-        item_codes.append(position)
-        if t_col is not None:
-            times.append(_parse_time(t, path, line, t_col))
-    n = len(user_codes)
-    if t_col is None:
-        time_arr = np.arange(n, dtype=np.int64)
-    else:
-        time_arr = np.asarray(times)
-        if time_arr.dtype == object:  # an integer beyond int64: order as floats
-            time_arr = time_arr.astype(np.float64)
-    report.rows_read = n
-    report.unknown_item_examples = [f"line {ln}: {iid!r}" for iid, ln in list(unknown.items())[:MAX_OFFENDERS]]
-    report.dropped["unknown_items"] = len(unknown)
-    if not n:
-        raise DataError("no interactions", path)
-    log_ = _Log(user_ids, np.asarray(user_codes, dtype=np.int64), np.asarray(item_codes, dtype=np.int64), time_arr)
-    return log_, {"user": user_col, "item": item_col, "time": t_col}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Filtering
 
 
@@ -436,7 +145,7 @@ def _filter_domain(user: np.ndarray, item: np.ndarray, kcore: int, min_seq_len: 
             return keep
 
 
-def _assign_groups(items: _Items, groups: dict[str, list[str]], path: Path) -> np.ndarray:
+def _assign_groups(items: ItemTable, groups: dict[str, list[str]], path: Path) -> np.ndarray:
     """Group index per item: the first group (in the given order) sharing a value with the item; -1 for none."""
     owner: dict[str, int] = {}
     for g, (name, values) in enumerate(groups.items()):
@@ -472,7 +181,7 @@ def _check_groups(split_by: str | None, groups: dict[str, list[str]] | None) -> 
             raise PmmrecError(f"group {name!r} needs a non-empty list of values")
 
 
-def _drop_rows(meta: _Items, data: _Log, empty_title: str, report: PrepareReport, items_path: Path,
+def _drop_rows(meta: ItemTable, data: InteractionLog, empty_title: str, report: PrepareReport, items_path: Path,
                title_col: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop unknown items, exact duplicates and (by choice) empty-titled items.
 
@@ -515,7 +224,7 @@ class _Planned:
     sequences: list[np.ndarray]  # per user: item numbers (1-based, into catalogue), oldest first
 
 
-def _make_domain(name: str, sub: str | None, idx: np.ndarray, data: _Log, item: np.ndarray, kcore: int,
+def _make_domain(name: str, sub: str | None, idx: np.ndarray, data: InteractionLog, item: np.ndarray, kcore: int,
                  min_seq_len: int, out: Path, source: Path) -> _Planned:
     """Filter the rows ``idx`` of one domain, then order them into per-user sequences."""
     rep = DomainReport(name=name, path=str(out / sub) if sub else str(out))
@@ -559,7 +268,7 @@ def _image_stems(image_dir: Path) -> set[str]:
     return stems
 
 
-def _build_images(image_dir: Path, stems: set[str], meta: _Items, positions: np.ndarray, dest: Path,
+def _build_images(image_dir: Path, stems: set[str], meta: ItemTable, positions: np.ndarray, dest: Path,
                   report: DomainReport, workers: int | None, resize: int | None, progress: bool) -> None:
     """Store the images of the items at ``positions`` into ``dest``; record what is stored, missing and bad.
 
@@ -635,10 +344,13 @@ def prepare_domain(interactions: str | os.PathLike, items: str | os.PathLike, ou
     report = PrepareReport(str(interactions), str(items_path), str(out), settings={
         "kcore": kcore, "min_seq_len": min_seq_len, "split_by": split_by, "groups": groups,
         "empty_title": empty_title, "image_dir": str(image_dir) if image_dir else None})
-    meta, item_cols = _read_items(items_path, columns, split_by)
+    meta, item_cols = read_items(items_path, columns, split_by)
     report.items_read = len(meta.ids)
     log.info("read %s items from %s", f"{len(meta.ids):,}", items_path)
-    data, log_cols = _read_log(interactions, columns, meta, report)
+    data, log_cols = read_interactions(interactions, columns, meta)
+    report.rows_read = len(data.user)
+    report.unknown_item_examples = [f"line {ln}: {iid!r}" for iid, ln in list(data.unknown.items())[:MAX_OFFENDERS]]
+    report.dropped["unknown_items"] = len(data.unknown)
     report.settings["columns"] = {**log_cols, **{("meta_item" if k == "item" else k): v for k, v in item_cols.items()}}
     log.info("read %s interactions from %s", f"{report.rows_read:,}", interactions)
 

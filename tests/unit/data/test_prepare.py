@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from pmmrec.data import prepare as prepare_module
 from pmmrec.data.domain import read_domain
-from pmmrec.data.prepare import REPORT_FILE, PrepareColumns, prepare_domain
+from pmmrec.data.prepare import REPORT_FILE, prepare_domain
+from pmmrec.data.tables import PrepareColumns
 from pmmrec.errors import DataError, PmmrecError
 
 MOVIES = """movie_id,title,genres
