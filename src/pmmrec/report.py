@@ -21,7 +21,7 @@ from pmmrec.utils.io import atomic_file, atomic_write_text
 
 METRICS = ("HR@10", "NDCG@10")
 PROTOCOLS = ("exclude_history", "include_history")
-GAIN = "gain_vs_scratch"  # DESIGN section 15: report.json's gain column
+GAIN = "gain_vs_scratch"  # docs/design.md §15: report.json's gain column
 
 
 def make_row(name: str, results: dict[str, Any], seconds: float | None = None, group: str | None = None,

@@ -1,4 +1,4 @@
-"""``pmmrec bench serve``: latency and throughput of ``POST /recommend`` under concurrent load (DESIGN section 15).
+"""``pmmrec bench serve``: latency and throughput of ``POST /recommend`` under concurrent load (docs/design.md §15).
 
 The service runs in its own process on loopback with a large catalogue (default 100,000 items). The catalogue
 is **synthetic**: random item vectors (an ID embedding table) and a randomly initialised SASRec user encoder of

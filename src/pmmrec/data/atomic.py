@@ -1,4 +1,4 @@
-"""RecBole atomic files in and out (``pmmrec data import-atomic`` / ``export-atomic``; DESIGN section 3).
+"""RecBole atomic files in and out (``pmmrec data import-atomic`` / ``export-atomic``; docs/design.md §3).
 
 RecBole (and the RecBole-family baselines: UniSRec, VQ-Rec, MISSRec) reads tab-separated *atomic files* whose
 header types every column, ``name:type`` with type ``token``, ``token_seq`` (space-separated tokens), ``float``

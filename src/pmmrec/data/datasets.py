@@ -1,4 +1,4 @@
-"""Torch datasets over a leave-one-out split: training windows and evaluation sequences (DESIGN section 3).
+"""Torch datasets over a leave-one-out split: training windows and evaluation sequences (docs/design.md §3).
 
 Training (reference code): each user contributes ONE window, the last ``max_seq_len + 1`` items of the training
 sequence, left-padded with 0; positions 0..L-1 are inputs and 1..L are their next-item targets. Evaluation: the

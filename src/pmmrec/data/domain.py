@@ -1,4 +1,4 @@
-"""A *domain*: items (id, title, image) and users' chronological interactions (DESIGN section 3).
+"""A *domain*: items (id, title, image) and users' chronological interactions (docs/design.md §3).
 
 On disk a domain is a folder::
 

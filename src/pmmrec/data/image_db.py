@@ -1,4 +1,4 @@
-"""The image database: an LMDB of encoded image files keyed by item id (DESIGN section 3).
+"""The image database: an LMDB of encoded image files keyed by item id (docs/design.md §3).
 
 Values are the original encoded bytes (JPEG/PNG/WebP), never pickled objects: unpickling untrusted data executes
 code. Readers open one read-only handle per process (and so per DataLoader worker) lazily, on first use.

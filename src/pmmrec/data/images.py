@@ -1,4 +1,4 @@
-"""Image decoding and preprocessing for the vision encoder (DESIGN sections 3 and 10).
+"""Image decoding and preprocessing for the vision encoder (docs/design.md §3 and §10).
 
 ``decode_image`` turns the encoded bytes stored in the image database into an RGB Pillow image, whatever the
 file's colour mode. ``ImagePreprocessor`` turns that image into the normalised ``(3, size, size)`` float array a

@@ -1,4 +1,4 @@
-"""ItemFeatureStore: every item's model inputs, looked up by item number (DESIGN sections 2 and 9).
+"""ItemFeatureStore: every item's model inputs, looked up by item number (docs/design.md §2 and §9).
 
 Titles are tokenised once, with any Hugging Face tokenizer from a local folder, and the token ids are cached on
 disk (keyed by the tokenizer's files, ``max_tokens``, lower-casing and the titles themselves), so a second run or

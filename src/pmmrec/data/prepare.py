@@ -1,4 +1,4 @@
-"""``pmmrec data prepare``: turn a raw interaction log plus item metadata into domain folders (DESIGN section 3).
+"""``pmmrec data prepare``: turn a raw interaction log plus item metadata into domain folders (docs/design.md §3).
 
 Inputs are a generic interaction table (``user,item,timestamp``; CSV, TSV or Parquet, optionally ``.gz``) and an
 item metadata table (``item,title[,image_path][,genres...]``). The steps, in order:

@@ -1,4 +1,4 @@
-"""``pmmrec data import-reference``: the PMMRec authors' released data as a pmmrec domain (DESIGN section 3).
+"""``pmmrec data import-reference``: the PMMRec authors' released data as a pmmrec domain (docs/design.md §3).
 
 The reference release (ICDE24/PMMRec, e.g. its ``bili_food`` example) is a folder holding
 

@@ -1,4 +1,4 @@
-"""Leave-one-out split and multi-domain merging (DESIGN section 3).
+"""Leave-one-out split and multi-domain merging (docs/design.md §3).
 
 The split follows the PMMRec reference code exactly (``read_behaviors`` in its data utilities): users with fewer
 than ``min_seq_len`` items are dropped, each sequence is cut to its last ``max_seq_len + 3`` items, the catalogue

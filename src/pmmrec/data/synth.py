@@ -1,6 +1,6 @@
 """The built-in multi-domain world: synthetic domains whose structure makes the paper's claims testable.
 
-DESIGN section 10. Every item has a latent *concept* = (category, style). The title reveals the category
+docs/design.md §10. Every item has a latent *concept* = (category, style). The title reveals the category
 strongly (words from a per-category pool) and the style weakly (sometimes a style word, sometimes the wrong
 one); the image reveals the style strongly (palette and texture) and the category weakly (the drawn shape,
 sometimes the wrong one). Users walk a sparse Markov chain over concepts that every domain shares (the
@@ -58,7 +58,7 @@ class SynthConfig:
     num_categories: int = 12  # latent categories (at most len(CATEGORIES)); the title reveals them
     num_styles: int = 4  # latent styles (at most len(STYLES)); the image reveals them
     sources: tuple[str, ...] = ("books", "films", "games")  # source domain folder names
-    target: str = "target"  # target domain folder name (DESIGN section 15)
+    target: str = "target"  # target domain folder name (docs/design.md §15)
     items_per_concept: int | None = None  # items per concept in each source (None: 8, quick: 2)
     target_items_per_concept: int | None = None  # items per concept in the target (None: 6, quick: 2)
     source_users: int | None = None  # users per source domain (None: 2500, quick: 150)

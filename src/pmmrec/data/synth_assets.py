@@ -1,4 +1,4 @@
-"""Vocabulary, palettes and image drawing of the built-in world (DESIGN section 10; used by ``synth``).
+"""Vocabulary, palettes and image drawing of the built-in world (docs/design.md §10; used by ``synth``).
 
 The words are ordinary English words, so a real tokenizer (BERT wordpiece) gives meaningful tokens, and each
 pool is disjoint from every other pool: category words, style words and each domain's filler words never

@@ -1,4 +1,4 @@
-"""Top-K ranking metrics from the rank of each user's held-out item (DESIGN.md section 7).
+"""Top-K ranking metrics from the rank of each user's held-out item (docs/design.md §7).
 
 PMMRec (ICDE 2024) reports HR@K and NDCG@K under leave-one-out full ranking; we add MRR@K. With one relevant item
 per user at 0-based rank ``r`` (``r < 0`` = never retrieved), the per-user values are

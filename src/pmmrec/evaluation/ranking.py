@@ -1,4 +1,4 @@
-"""Full ranking over the whole catalogue with bounded memory (DESIGN.md section 7).
+"""Full ranking over the whole catalogue with bounded memory (docs/design.md §7).
 
 PMMRec (ICDE 2024) evaluates leave-one-out with full ranking: every user's held-out item is ranked against all
 items of the target catalogue, never against sampled negatives. Scores are dot products of user and item vectors.

@@ -1,4 +1,7 @@
-"""Recommending with a trained model: top-K for a history, new items added without retraining (DESIGN §8)."""
+"""Recommending with a trained model: top-K for a history, new items added without retraining.
+
+See docs/design.md §8.
+"""
 
 from pmmrec.inference.catalogue import DuplicateItemsError, ItemInfo
 from pmmrec.inference.recommender import (

@@ -1,6 +1,6 @@
 """The recommender's item catalogue: raw ids, titles, where images live, and one vector per item.
 
-Items can be added while other threads recommend (DESIGN section 13: the service survives concurrent load).
+Items can be added while other threads recommend (docs/design.md §13: the service survives concurrent load).
 The catalogue is append-only and published through immutable :class:`Snapshot` objects: a writer fills rows past
 the published count of a preallocated buffer, then swaps in a new snapshot with the larger count in one
 reference assignment. A reader takes one snapshot and sees a consistent catalogue for its whole request (the

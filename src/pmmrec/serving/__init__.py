@@ -1,1 +1,1 @@
-"""The HTTP service over a Recommender (FastAPI + uvicorn; DESIGN sections 8 and 13)."""
+"""The HTTP service over a Recommender (FastAPI + uvicorn; docs/design.md §8 and §13)."""

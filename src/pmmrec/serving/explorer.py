@@ -1,6 +1,6 @@
 """What the explorer page shows, computed over one or two :class:`~pmmrec.inference.Recommender` objects.
 
-DESIGN section 8: a user's history and the models' next items as pictures, two checkpoints side by side, and
+docs/design.md §8: a user's history and the models' next items as pictures, two checkpoints side by side, and
 where a newly added item lands. Users are read from the catalogue's domain folder (``users.tsv``) and split as
 evaluation splits them (leave-one-out): the last item is the *held-out next item*, the ones before it the
 history the models see, so a recommendation equal to the held-out item is a hit. No HTTP here (see

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Bounds on what one request may ask (DESIGN section 13); anything beyond gets a 4xx answer."""
+    """Bounds on what one request may ask (docs/design.md §13); anything beyond gets a 4xx answer."""
 
     max_history: int = 512  # items in one history (the model reads the last data.max_seq_len of them)
     max_k: int = 1000  # recommendations per request

@@ -1,4 +1,4 @@
-"""Atomic writes: a crash never leaves a file or folder that looks complete but isn't (DESIGN section 13).
+"""Atomic writes: a crash never leaves a file or folder that looks complete but isn't (docs/design.md §13).
 
 Files are written to a temporary sibling and renamed into place (``os.replace`` is atomic on POSIX within one
 filesystem). Folders are built under a temporary sibling name and renamed at the end; a folder that already

@@ -1,4 +1,4 @@
-"""Hostile and unusual image files through `pmmrec data build-images` and the preprocessor (DESIGN section 13).
+"""Hostile and unusual image files through `pmmrec data build-images` and the preprocessor (docs/design.md §13).
 
 Every file with an image extension ends up either stored (and then preprocesses to a finite tensor) or listed
 in the --report with a reason; nothing disappears silently. Hand-written PNG chunks make the headers Pillow's

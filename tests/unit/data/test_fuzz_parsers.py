@@ -1,4 +1,4 @@
-"""Structured fuzzing of every table reader through the CLI (DESIGN section 13).
+"""Structured fuzzing of every table reader through the CLI (docs/design.md §13).
 
 A valid table is mutated the ways real exports break (random bytes, broken quoting, wrong column counts,
 bad UTF-8, enormous lines, NUL bytes, CR line ends, duplicate ids, empty or header-only files) and fed to

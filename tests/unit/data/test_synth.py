@@ -1,4 +1,4 @@
-"""The built-in world (DESIGN section 10): valid domain folders, determinism, and the designed structure.
+"""The built-in world (docs/design.md §10): valid domain folders, determinism, and the designed structure.
 
 The structure tests are the point: titles must reveal category far better than style, images the reverse,
 and every domain must follow the same concept chain, with some noise clicks off it.

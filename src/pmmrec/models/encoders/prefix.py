@@ -1,4 +1,4 @@
-"""Split a Hugging Face encoder at its first trainable block: frozen prefix | trainable top (DESIGN section 9).
+"""Split a Hugging Face encoder at its first trainable block: frozen prefix | trainable top (docs/design.md §9).
 
 With only the top k blocks trainable, everything below them (embeddings, frozen blocks) computes the same
 function of the item at every step, so its output (the hidden states entering the first trainable block) can be

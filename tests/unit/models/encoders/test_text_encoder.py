@@ -1,4 +1,7 @@
-"""Text encoder: MiniLM offline, tiny BERT from config, local folders, freezing by block (DESIGN §4, §10)."""
+"""Text encoder: MiniLM offline, tiny BERT from config, local folders, freezing by block.
+
+See docs/design.md §4 and §10.
+"""
 
 from __future__ import annotations
 
