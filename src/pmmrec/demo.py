@@ -1,6 +1,6 @@
 """``pmmrec demo`` (what ``make demo`` runs): the built-in world, end to end, on one CPU machine.
 
-DESIGN section 10. It synthesises the multi-domain world, pretrains PMMRec on the three source domains (all four
+docs/design.md §10. It synthesises the multi-domain world, pretrains PMMRec on the three source domains (all four
 objectives, plus the two ablations rec-only and rec+NICL), then on the target domain, whose items were never
 seen: transfers the pretrained model by part (full, item encoder, user encoder) and by modality (multimodal, text,
 vision), trains from scratch (multimodal PMMRec and the ID-based SASRec) and adds a most-popular baseline.
@@ -8,7 +8,7 @@ Everything is evaluated with full ranking and written as ``report.md`` / ``repor
 (one table with the gain against PMMRec trained from scratch).
 
 The CPU recipe keeps the default pretrained encoders frozen, so their outputs are computed once per item and
-shared by every run through ``train.cache_dir`` (DESIGN section 9).
+shared by every run through ``train.cache_dir`` (docs/design.md §9).
 """
 
 from __future__ import annotations

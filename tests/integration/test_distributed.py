@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process (DESIGN section 6).
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process (docs/design.md §6).
 
 The tiny recipe is made RNG-free so that two processes can equal one: ``model.dropout=0`` and a frozen text
 encoder (the tiny BERT's own dropout would otherwise draw different masks in 1 and 2 processes; the tiny ViT has

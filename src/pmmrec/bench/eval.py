@@ -1,4 +1,4 @@
-"""``pmmrec bench eval``: full-ranking throughput against the raw matrix-multiply + top-K floor (DESIGN §7, §9).
+"""``pmmrec bench eval``: full-ranking throughput against the raw matrix-multiply + top-K floor (docs/design.md §7, §9).
 
 Users and items are random vectors (the ranking cost does not depend on where the vectors come from). For each
 case the benchmark times, in the same run and on the same tensors:

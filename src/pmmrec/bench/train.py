@@ -1,4 +1,4 @@
-"""``pmmrec bench train``: the naive training step (reference-code behaviour) against ours, in one run (DESIGN §9).
+"""``pmmrec bench train``: the naive training step (reference-code behaviour) against ours, in one run (docs/design.md §9).
 
 Both paths are the same code (the :class:`~pmmrec.training.trainer.Trainer`'s training step) on the same
 config, data, batches and seed, so the loss of the first batch (computed without dropout, whose random draws

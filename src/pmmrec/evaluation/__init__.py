@@ -1,4 +1,4 @@
-"""Full-ranking evaluation of PMMRec (ICDE 2024; DESIGN.md section 7): ranks, then HR/NDCG/MRR@K.
+"""Full-ranking evaluation of PMMRec (ICDE 2024; docs/design.md §7): ranks, then HR/NDCG/MRR@K.
 
 ``ranking`` turns user and item vectors into the rank of each held-out item under the ``exclude_history`` and
 ``include_history`` protocols (and a running top-K for recommending); ``metrics`` turns ranks into metrics.

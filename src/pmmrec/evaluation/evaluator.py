@@ -1,4 +1,4 @@
-"""Evaluate a model with full ranking: encode the catalogue once, then score users in chunks (DESIGN section 7).
+"""Evaluate a model with full ranking: encode the catalogue once, then score users in chunks (docs/design.md §7).
 
 Each catalogue item is encoded exactly once per evaluation through the one ``ItemEncoder``; a user's vector is
 the user encoder's state at the last position of their input, built from those same item vectors (no item is

@@ -1,9 +1,9 @@
 """Recommender: top-K next items for a history of raw item ids, and new items added without retraining.
 
-DESIGN section 8. A content model (``model.item_tower: content``) knows items only by their title and image, so
+docs/design.md §8. A content model (``model.item_tower: content``) knows items only by their title and image, so
 an item that did not exist at training time is recommendable as soon as it has one of them: it is encoded by
 the same :class:`~pmmrec.models.item_encoder.ItemEncoder` the catalogue was encoded with (the one item path,
-STYLE rule 4) and appended to the catalogue. The ID tower (SASRec baseline) cannot do this, by construction.
+docs/design.md, house rule 4) and appended to the catalogue. The ID tower (SASRec baseline) cannot do this, by construction.
 
 Example::
 

@@ -1,4 +1,4 @@
-"""Cached outputs of the frozen part of each encoder, in memory and on disk, reused across runs (DESIGN section 9).
+"""Cached outputs of the frozen part of each encoder, in memory and on disk, reused across runs (docs/design.md §9).
 
 PMMRec fine-tunes only the top blocks of its text and vision encoders (§IV-A). Everything below them (the
 embeddings and the frozen blocks, the *frozen prefix*) computes the same function of the item at every step,

@@ -1,4 +1,4 @@
-"""Sequence corruption for L_NID and L_RCL (PMMRec, Li et al., ICDE 2024; DESIGN.md section 5).
+"""Sequence corruption for L_NID and L_RCL (PMMRec, Li et al., ICDE 2024; docs/design.md §5).
 
 The paper's abstract names a noised item detection objective and a robustness-aware contrastive objective but
 its body (how the noise is made) is not available to us, so this module is **our design**: a training sequence
@@ -63,7 +63,7 @@ def _shuffle(items: Tensor, valid: Tensor, ratio: float, generator: torch.Genera
 
 def corrupt(items: Tensor, ratio: float, generator: torch.Generator | None = None,
             shuffle: bool = False) -> tuple[Tensor, Tensor]:
-    """Corrupt item sequences for L_NID / L_RCL (our design, DESIGN.md section 5; PMMRec, ICDE 2024).
+    """Corrupt item sequences for L_NID / L_RCL (our design, docs/design.md §5; PMMRec, ICDE 2024).
 
     Args:
         items: ``(B, S)`` integer item numbers, 0 = padding (left-padded, though any padding pattern works).

@@ -1,4 +1,4 @@
-"""Small trainable heads used only by the auxiliary objectives of PMMRec (Li et al., ICDE 2024; DESIGN.md §5).
+"""Small trainable heads used only by the auxiliary objectives of PMMRec (Li et al., ICDE 2024; docs/design.md §5).
 
 The losses in this package are plain functions of tensors; the few parameters they need live here as modules
 that the model owns, so that they are saved, loaded, moved and wrapped (DDP) together with it.
@@ -45,7 +45,7 @@ class ContrastiveHead(nn.Module):
 
 
 class NoiseClassifier(nn.Module):
-    """L_NID per-position binary classifier (our design, DESIGN.md §5): ``Linear(D, 1)`` on encoder states.
+    """L_NID per-position binary classifier (our design, docs/design.md §5): ``Linear(D, 1)`` on encoder states.
 
     Its output are logits of "the item at this position was changed by the corruption"; feed them with the
     labels from :func:`pmmrec.objectives.corrupt` to :func:`pmmrec.objectives.nid_loss`.

@@ -1,5 +1,5 @@
 """L_rec, the next-item prediction loss of PMMRec (Li et al., "Multi-Modality is All You Need for Transferable
-Recommender Systems", ICDE 2024; DESIGN.md section 5).
+Recommender Systems", ICDE 2024; docs/design.md §5).
 
 The paper trains the user encoder to predict, at every position of a user's sequence, the next item against all
 item slots of the batch (in-batch softmax) with a logQ popularity correction. :func:`next_item_loss` follows the

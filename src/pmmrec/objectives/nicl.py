@@ -1,9 +1,9 @@
 """L_NICL, the next-item enhanced cross-modal contrastive loss of PMMRec (Li et al., "Multi-Modality is All
-You Need for Transferable Recommender Systems", ICDE 2024; DESIGN.md section 5).
+You Need for Transferable Recommender Systems", ICDE 2024; docs/design.md §5).
 
 The paper aligns the text and image views of items and, beyond the plain cross-modal pair, treats the *next*
 item of a user's sequence as a positive too, so that the two modalities also agree on sequential transitions.
-Its body is not available to us; the exact positive/negative sets below follow DESIGN.md section 5, and the
+Its body is not available to us; the exact positive/negative sets below follow docs/design.md §5, and the
 treatment of several positives is **our design** (see :func:`nicl_loss`).
 
 For the item slot ``l`` of user ``u`` with (projected, l2-normalised) text vector ``t_{u,l}`` and image vector

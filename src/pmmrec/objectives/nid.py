@@ -1,4 +1,4 @@
-"""L_NID, the noised item detection loss of PMMRec (Li et al., ICDE 2024; DESIGN.md section 5).
+"""L_NID, the noised item detection loss of PMMRec (Li et al., ICDE 2024; docs/design.md §5).
 
 The paper names the objective; how the noise is made and scored is **our design**: a sequence corrupted by
 :func:`pmmrec.objectives.corrupt` is read by the user encoder, :class:`pmmrec.objectives.NoiseClassifier` maps

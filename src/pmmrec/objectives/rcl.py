@@ -1,4 +1,4 @@
-"""L_RCL, the robustness-aware contrastive loss of PMMRec (Li et al., ICDE 2024; DESIGN.md section 5).
+"""L_RCL, the robustness-aware contrastive loss of PMMRec (Li et al., ICDE 2024; docs/design.md §5).
 
 The paper names the objective; its exact form is **our design**: the user representation of a clean sequence
 and of its corrupted view (the same corruption as L_NID, from :func:`pmmrec.objectives.corrupt`) form a

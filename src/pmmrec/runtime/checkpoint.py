@@ -1,4 +1,4 @@
-"""Checkpoints: one dict per file, written atomically, loaded with ``weights_only=True`` (DESIGN sections 6, 13).
+"""Checkpoints: one dict per file, written atomically, loaded with ``weights_only=True`` (docs/design.md §6, §13).
 
 A checkpoint holds everything needed to resume exactly (model, optimiser, scheduler, grad scaler, RNG states,
 epoch, step within the epoch, best metric and patience counter) or to rebuild the model (the resolved config

@@ -1,4 +1,4 @@
-"""Data-parallel runs under ``torchrun`` (DESIGN section 6; STYLE rule 7: distributed means torchrun only).
+"""Data-parallel runs under ``torchrun`` (docs/design.md §6; docs/design.md, house rule 7: distributed means torchrun only).
 
 ``torchrun --nproc_per_node N [--nnodes M --rdzv-endpoint HOST:PORT] -m pmmrec train ...`` starts N processes per
 node and tells each its place through the environment: ``LOCAL_RANK`` picks the device on its node (never the

@@ -1,4 +1,4 @@
-"""`pmmrec bench train` and `pmmrec bench eval` in quick mode: the JSON contract of DESIGN section 15."""
+"""`pmmrec bench train` and `pmmrec bench eval` in quick mode: the JSON contract of docs/design.md §15."""
 
 import json
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""L_NICL against a naive per-anchor reference that spells out DESIGN.md section 5, and hand examples."""
+"""L_NICL against a naive per-anchor reference that spells out docs/design.md §5, and hand examples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No unsafe loading (DESIGN section 13): a checkpoint whose pickle runs a shell command is refused everywhere.
+"""No unsafe loading (docs/design.md §13): a checkpoint whose pickle runs a shell command is refused everywhere.
 
 The crafted file is what an attacker would ship: a torch.save archive whose ``__reduce__`` calls
 ``os.system`` to create a marker file, once as a plain file and once with a valid pmmrec SHA-256 trailer (the
