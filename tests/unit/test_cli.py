@@ -99,3 +99,24 @@ def test_parser_builds_without_heavy_imports():
     code = "import sys; from pmmrec.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False"
+
+
+def test_command_group_modules_import_only_the_shared_helpers_of_the_cli():
+    """``pmmrec.cli`` imports its group modules; a group module importing ``pmmrec.cli`` (or a sibling) back
+    would be a cycle, so they share only ``pmmrec.cli.common``."""
+    import ast
+    from pathlib import Path
+
+    import pmmrec.cli
+
+    package = Path(pmmrec.cli.__file__).parent
+    groups = [p for p in package.glob("*.py") if p.stem != "__init__"]
+    assert {p.stem for p in groups} >= {"common", "data", "training", "inference", "tools"}
+    for path in groups:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                module = f"pmmrec.cli.{node.module or ''}".rstrip(".") if node.level else node.module or ""
+                if module == "pmmrec.cli" or module.startswith("pmmrec.cli."):
+                    assert path.stem != "common" and module == "pmmrec.cli.common", f"{path.name}: {module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("pmmrec.cli") for a in node.names), path.name

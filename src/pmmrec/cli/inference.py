@@ -1,0 +1,115 @@
+"""``pmmrec evaluate``, ``recommend``, ``export-embeddings`` and ``serve``: a trained checkpoint at work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from pmmrec.cli.common import _command, _print_results, _prints
+from pmmrec.errors import PmmrecError
+
+log = logging.getLogger("pmmrec")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pmmrec.evaluation.checkpoint import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split)
+    if args.json and _prints():
+        print(json.dumps(results, indent=2))
+    else:
+        _print_results(results)
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from pmmrec.inference import Recommender
+
+    history = args.history.replace(",", " ").split()
+    if not history:
+        raise PmmrecError("--history is empty: give item ids separated by spaces, e.g. --history 'i1 i2 i3'")
+    recommender = Recommender.from_checkpoint(args.checkpoint, args.domain,
+                                              unknown_items="reject" if args.strict else "skip")
+    result = recommender.recommend_many([history], args.k, not args.include_history)[0]
+    if result.unknown:
+        log.warning("skipped %d unknown item id(s): %s", len(result.unknown), " ".join(result.unknown[:10]))
+    if args.json:
+        print(json.dumps({"items": [{"item_id": r.item_id, "score": r.score} for r in result.items],
+                          "unknown": result.unknown}, indent=2))
+        return
+    for rank, r in enumerate(result.items, start=1):
+        info = recommender.item(r.item_id)
+        title = f"  {info.title}" if info is not None and info.title else ""
+        print(f"{rank:3d}  {r.item_id}  {r.score:.4f}{title}")
+
+
+def cmd_export_embeddings(args: argparse.Namespace) -> None:
+    from pmmrec.inference import Recommender
+    from pmmrec.inference.export import export_embeddings
+
+    recommender = Recommender.from_checkpoint(args.checkpoint, args.domain)
+    done = export_embeddings(recommender, args.out, args.ids, args.faiss, args.faiss_kind)
+    print(f"wrote {done.count} item vectors of dimension {done.dim} to {done.vectors}, ids to {done.ids}"
+          + (f", faiss index to {done.index}" if done.index else ""))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pmmrec.serving.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
+          threads=args.threads, persist_items=args.persist_items, compare=args.compare)
+
+
+def _add_inference_commands(sub) -> None:
+    """``pmmrec evaluate``, ``recommend``, ``export-embeddings`` and ``serve``: a trained checkpoint at work."""
+    p = _command(sub, "evaluate", "full-ranking evaluation (HR/NDCG/MRR@K, both protocols) of a checkpoint",
+                 "pmmrec evaluate --checkpoint runs/tiny/checkpoints/best.pt [data.domain=OTHER_DOMAIN]",
+                 cmd_evaluate)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--split", choices=["valid", "test"], action="append",
+                   help="which split(s) to evaluate (default: both)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the checkpoint's config, e.g. data.domain=... eval.ks=[10]")
+    domain_help = "the catalogue's domain folder (default: the checkpoint's data.domain)"
+    p = _command(sub, "recommend", "top-K next items for a history of raw item ids",
+                 "pmmrec recommend --checkpoint runs/x/checkpoints/best.pt --history 'i1 i2 i3' -k 10", cmd_recommend)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--history", required=True, help="raw item ids, oldest first, separated by spaces")
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--include-history", action="store_true", help="allow items of the history to be recommended")
+    p.add_argument("--strict", action="store_true", help="fail on unknown ids (default: skip them with a warning)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(sub, "export-embeddings", "write item vectors (.npy) and their ids, optionally a faiss index",
+                 "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy "
+                 "--faiss items.faiss",
+                 cmd_export_embeddings)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--out", required=True, help="the vectors file (.npy, float32, one row per item)")
+    p.add_argument("--ids", help="the ids file, one per line in row order (default: OUT with .ids.txt)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--faiss", metavar="FILE", help="also write an inner-product faiss index (needs faiss-cpu)")
+    p.add_argument("--faiss-kind", choices=["hnsw", "flat"], default="hnsw",
+                   help="hnsw: approximate, for large catalogues (default); flat: exact")
+    p = _command(sub, "serve",
+                 "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics; "
+                 "the explorer page at / (users' histories and recommendations as pictures, add an item)",
+                 "pmmrec serve --checkpoint runs/x/checkpoints/best.pt --port 8000 "
+                 "[--compare runs/y/checkpoints/best.pt]",
+                 cmd_serve)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1; with more, POST /items is refused: each holds its own "
+                        "catalogue)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per scoring batch (default 1: concurrent requests are scored in batches, "
+                        "one batch per core at a time)")
+    p.add_argument("--domain", help=domain_help)
+    p.add_argument("--persist-items", action="store_true",
+                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")
+    p.add_argument("--compare", metavar="CHECKPOINT",
+                   help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
+                        "over the same catalogue")

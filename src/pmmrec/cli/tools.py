@@ -1,0 +1,94 @@
+"""``pmmrec bench``, ``import-checkpoint``, ``demo`` and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pmmrec.cli.common import _command
+from pmmrec.errors import NotImplementedYet
+
+BENCHMARKS = ("train", "eval", "serve")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Each benchmark is a module ``pmmrec.bench.<what>`` with ``run(args)``."""
+    import importlib
+
+    name = f"pmmrec.bench.{args.what}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise NotImplementedYet(f"`pmmrec bench {args.what}` is not implemented yet") from None
+    module.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pmmrec.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, ablation=not args.no_ablation)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pmmrec.report import format_table, report_runs
+
+    rows = report_runs(args.runs, baseline=args.baseline, out=args.out)
+    print(format_table(rows, reference=rows[0]["name"] if args.baseline is None else Path(args.baseline).name))
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'report.md'}, report.json and report.png")
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    from pmmrec.training.import_checkpoint import import_checkpoint
+
+    report, _ = import_checkpoint(args.reference, args.out, text_encoder=args.text_encoder,
+                                  vision_encoder=args.vision_encoder, allow_partial=args.allow_partial,
+                                  num_heads=args.num_heads)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    print(f"wrote {args.out}; fine-tune it with: pmmrec transfer --from {args.out} data.domain=DOMAIN")
+
+
+def _add_bench_command(sub) -> None:
+    """``pmmrec bench WHAT``: each benchmark is a module ``pmmrec.bench.<what>`` (:func:`cmd_bench`)."""
+    p = _command(sub, "bench", "benchmarks written as JSON ratios (train / eval / serve)",
+                 "pmmrec bench train --out bench.json --quick", cmd_bench)
+    p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "
+                   "vs a raw matmul+top-K floor; serve: HTTP latency under concurrent load")
+    p.add_argument("--out", help="JSON file for the results (default: bench-WHAT.json)")
+    p.add_argument("--quick", action="store_true", help="small sizes, done in seconds (for tests)")
+
+
+def _add_misc_commands(sub) -> None:
+    """``pmmrec import-checkpoint``, ``demo`` and ``report``."""
+    p = _command(sub, "import-checkpoint",
+                 "convert the PMMRec authors' pretrained checkpoint (e.g. Pmmrec_pt) into a "
+                 "pmmrec checkpoint for `pmmrec transfer --from`; every tensor is reported mapped or unmapped",
+                 "pmmrec import-checkpoint pretrain-PT/epoch-0.pt --text-encoder models/xlm-roberta-base "
+                 "--vision-encoder models/clip-vit-base-patch32 --out pmmrec_pt.pt", cmd_import_checkpoint)
+    p.add_argument("reference", help="the reference checkpoint (read with torch.load(weights_only=True))")
+    p.add_argument("--text-encoder", required=True, help="local folder of the text encoder it was trained with "
+                   "(paper: xlm-roberta-base; architecture and tokenizer, the weights come from the checkpoint)")
+    p.add_argument("--vision-encoder", required=True, help="local folder of the vision encoder it was trained with "
+                   "(paper: clip-vit-base-patch32, with its preprocessor_config.json)")
+    p.add_argument("--out", required=True, help="the pmmrec checkpoint to write")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept a checkpoint that fills only part of the model (default: refuse)")
+    p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (paper: 2)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+    p = _command(sub, "demo", "the end-to-end demo on the built-in world (what `make demo` runs)",
+                 "pmmrec demo --out runs/demo --quick", cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="demo folder (report.md, world/, config.yaml)")
+    p.add_argument("--quick", action="store_true", help="a tiny world, done in seconds")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the objective ablation (two extra pretrainings: rec only, rec + NICL)")
+    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    p = _command(sub, "report", "compare finished runs: one table (HR@10, NDCG@10, gain vs a baseline) and a plot",
+                 "pmmrec report runs/scratch runs/transfer runs/transfer-text --out runs/compare", cmd_report)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding results.json")
+    p.add_argument("--baseline", metavar="RUN", help="the run the gains are relative to (default: the first RUN)")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/report.md, report.json and report.png")
