@@ -109,8 +109,14 @@ def describe_run(path: Path) -> str:
     if not config_file.is_file():
         return label
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    results_file = path / "results.json"
+    if results_file.is_file():
+        baseline = json.loads(results_file.read_text(encoding="utf-8")).get("baseline")
+        if baseline:
+            return f"{label} ({baseline})"
     model = config.get("model", {})
-    bits = ["IDs" if model.get("item_tower") == "id" else model.get("modality", "")]
+    tower = model.get("item_tower")
+    bits = ["IDs" if tower == "id" else model.get("modality", "") + ("+IDs" if tower == "content+id" else "")]
     transfer = config.get("transfer", {})
     if (path / "transfer.json").is_file() and transfer.get("checkpoint"):
         bits.append(f"transfer {transfer.get('parts', 'full')}")

@@ -2,8 +2,8 @@
 
 The tiny recipe is made RNG-free so that two processes can equal one: ``model.dropout=0`` and a frozen text
 encoder (the tiny BERT's own dropout would otherwise draw different masks in 1 and 2 processes; the tiny ViT has
-none). ``data.min_seq_len=7`` leaves 43 users, so with a global batch of 14 the epoch's last batch holds one
-user: rank 1's slice is empty and it trains the all-padding window. Evaluation runs in chunks of 8 users and 8
+none). ``data.min_seq_len=7`` leaves 43 users, so with one window per user (``train.windows=last``) and a global
+batch of 14 the epoch's last batch holds one user: rank 1's slice is empty and it trains the all-padding window. Evaluation runs in chunks of 8 users and 8
 items, so both are dealt to the ranks in several pieces.
 """
 
@@ -33,7 +33,7 @@ STEPS = 4  # 43 users / 14 = 4 batches: one epoch, the last batch a single user
 def _overrides(world: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.domain={world / 'target'}", f"run.dir={run_dir}", "data.min_seq_len=7", "train.batch_size=14",
             "model.dropout=0", "text.trainable_layers=0", f"train.max_steps={STEPS}", "train.eval_every=1",
-            "train.patience=100", "eval.batch_size=8", *extra]
+            "train.patience=100", "eval.batch_size=8", "train.windows=last", *extra]
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -162,3 +162,17 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(quick_world, 
                           timeout=300, cwd=REPO)
     assert done.returncode != 0
     assert "train.batch_size=15 (the global batch) does not split over the 2 processes" in done.stderr
+
+
+@pytest.mark.parametrize("negatives", ["catalogue", "sampled"])
+def test_catalogue_wide_losses_are_the_same_in_two_processes(quick_world, tmp_path, negatives):
+    """objectives.rec.negatives=catalogue|sampled, whole-history windows: 2 processes log the losses of one."""
+    extra = ["train.windows=all", f"objectives.rec.negatives={negatives}", "objectives.rec.num_negatives=50",
+             "objectives.rec.sampling=popularity", "train.max_steps=3"]
+    assert main(["train", "-c", str(TINY), *_overrides(quick_world, tmp_path / "one", *extra)]) == 0
+    _train_2(quick_world, tmp_path / "two", *extra)
+    one, two = _lines(tmp_path / "one"), _lines(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["valid"]["exclude_history"] == pytest.approx(a["valid"]["exclude_history"], abs=1e-6)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from pmmrec.config import load_config
 from pmmrec.errors import PmmrecError
 from pmmrec.runtime.checkpoint import load_checkpoint
 from pmmrec.training import pretrain, transfer
-from pmmrec.training.api import build_trainer
+from pmmrec.training.api import build_trainer, fit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -127,12 +128,43 @@ def test_per_domain_batches_stay_inside_one_domain(quick_world, tmp_path):
                                 "train.batch_size=32"])
     split, views = load_sources(config)
     trainer = build_trainer(config, split=split, views=views)
-    plan = trainer.batches.plan(0)
+    plan = trainer.batches.plan(0)  # window indices (train.windows=all: every user has one or more windows)
+    owner = trainer.batches.windows.owner
     domain_of = {int(u): v.name for v in views for u in v.users}
-    assert all(len({domain_of[u] for u in batch}) == 1 for batch in plan)
-    assert sorted(u for batch in plan for u in batch) == list(range(len(split.train)))
-    assert trainer.steps_per_epoch == len(plan) == 3 * 5  # 150 users a domain, batches of 32
-    assert len({domain_of[b[0]] for b in plan[:4]}) > 1  # batch order is shuffled across domains
+    assert all(len({domain_of[int(owner[w])] for w in batch}) == 1 for batch in plan)
+    assert sorted(w for batch in plan for w in batch) == list(range(len(owner)))
+    per_domain = [int(np.isin(owner, v.users).sum()) for v in views]
+    assert len(owner) > len(split.train)  # whole histories tile into more windows than users
+    assert trainer.steps_per_epoch == len(plan) == sum(-(-n // 32) for n in per_domain)
+    assert len({domain_of[int(owner[b[0]])] for b in plan[:4]}) > 1  # batch order is shuffled across domains
     mixed = build_trainer(load_config(TINY, [_sources(quick_world), f"run.dir={tmp_path / 'm'}", "train.batch_size=32"]),
                     split=split, views=views).batches.plan(0)
-    assert any(len({domain_of[u] for u in batch}) > 1 for batch in mixed)
+    assert any(len({domain_of[int(owner[w])] for w in batch}) > 1 for batch in mixed)
+
+
+def test_content_plus_id_transfers_its_content_and_serves_new_items(quick_world, tmp_path):
+    """A content+id model: transfer moves the content part (IDs belong to the source catalogue), a new item
+    is recommendable at once (its content alone), and another domain is evaluated by content alone."""
+    from pmmrec.evaluation.checkpoint import evaluate_checkpoint
+    from pmmrec.inference.recommender import NewItem, Recommender
+
+    source = tmp_path / "source"
+    fit(load_config(TINY, [f"data.domain={quick_world / 'books'}", f"run.dir={source}", "train.max_steps=2",
+                           "model.item_tower=content+id"]))
+    ckpt = source / "checkpoints" / "best.pt"
+    assert load_checkpoint(ckpt)["model"]["item_encoder.id_embedding.weight"].abs().sum() > 0  # the IDs learned
+    target = tmp_path / "target"
+    transfer(str(ckpt), str(TINY), [f"data.domain={quick_world / 'target'}", f"run.dir={target}",
+                                    "train.max_steps=1"])
+    report = json.loads((target / "transfer.json").read_text())
+    assert report["skipped"]["item_encoder.id_embedding.weight"].startswith("item IDs belong to the source")
+    assert "item_encoder.id_embedding.weight" in report["reinitialised"]
+    assert any(k.startswith("item_encoder.text") for k in report["loaded"])
+
+    rec = Recommender.from_checkpoint(ckpt)
+    assert rec.can_add_items
+    history = [rec.catalogue.snapshot().ids[k] for k in (1, 2, 3)]
+    rec.add_items([NewItem("fresh", title="a brand new item")])
+    assert "fresh" in rec and len(rec.recommend(history, k=5)) == 5
+    other = evaluate_checkpoint(str(ckpt), [f"data.domain={quick_world / 'target'}"], splits=["test"])
+    assert 0.0 <= other["test"]["exclude_history"]["NDCG@10"] <= 1.0

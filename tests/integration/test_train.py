@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pmmrec.cli import main
 from pmmrec.config import load_config
@@ -28,7 +29,7 @@ def _config(world, run_dir, *overrides):
     ["model.fusion=merged_attention"], ["model.fusion=co_attention"], ["model.fusion=sum"],
     ["model.fusion=concat"], ["model.fusion=film"], ["model.fusion=gated"],
     ["model.user_encoder=nextitnet"], ["model.user_encoder=gru4rec"],
-    ["model.modality=text"], ["model.modality=vision"], ["model.item_tower=id"],
+    ["model.modality=text"], ["model.modality=vision"], ["model.item_tower=id"], ["model.item_tower=content+id"],
 ], ids=lambda o: o[0].split(".")[-1])
 def test_every_variant_trains_and_learns(quick_world, tmp_path, overrides):
     config = _config(quick_world, tmp_path / "run", "train.max_steps=3", "train.epochs=5", *overrides)
@@ -122,11 +123,12 @@ def test_a_finished_run_is_not_overwritten_without_resume(quick_world, tmp_path,
 def test_early_stopping_and_gradient_accumulation(quick_world, tmp_path):
     # lr 0: validation never improves after the first evaluation, so patience 2 stops after 3 evaluations.
     config = _config(quick_world, tmp_path / "stop", "train.epochs=20", "train.patience=2", "train.lr=0",
-                     "train.encoder_lr=0", "model.fusion=sum")
+                     "train.encoder_lr=0", "model.fusion=sum", "train.windows=last")
     results = fit(config)
     assert results["epochs"] == 3 and results["best_step"] == 4
-    # 60 users, batch 16 -> 4 batches an epoch; accumulating 2 makes 2 optimiser steps an epoch.
-    config = _config(quick_world, tmp_path / "accum", "train.epochs=2", "train.grad_accum=2", "model.fusion=sum")
+    # 60 users (one window each), batch 16 -> 4 batches an epoch; accumulating 2 makes 2 optimiser steps an epoch.
+    config = _config(quick_world, tmp_path / "accum", "train.epochs=2", "train.grad_accum=2", "model.fusion=sum",
+                     "train.windows=last")
     assert fit(config)["steps"] == 4
 
 
@@ -154,3 +156,18 @@ def test_resume_refuses_other_settings_and_accepts_a_longer_run(quick_world, tmp
     assert "model.dropout: 0.1 (saved), now 0.3" in err and "train.lr: 0.001 (saved), now 0.01" in err
     assert main([*args[:-1], "train.max_steps=2", "--resume"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 2
+
+
+def test_baselines_run_from_the_command_line_and_report_beside_models(quick_world, tmp_path, capsys):
+    domain = f"data.domain={quick_world / 'target'}"
+    assert main(["baseline", "pop", "-c", str(TINY), domain, f"run.dir={tmp_path / 'pop'}"]) == 0
+    pop = json.loads((tmp_path / "pop" / "results.json").read_text())
+    assert pop["baseline"] == "most popular" and pop["num_items"] == 96 and pop["data"]["history"] == "all"
+    assert 0 < pop["test"]["exclude_history"]["NDCG@10"] < 1
+    assert main(["baseline", "sasrec", "-c", str(TINY), domain, f"run.dir={tmp_path / 'ids'}",
+                 "train.max_steps=2"]) == 0
+    assert yaml.safe_load((tmp_path / "ids" / "config.yaml").read_text())["model"]["item_tower"] == "id"
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "pop"), str(tmp_path / "ids"), "--baseline", str(tmp_path / "pop")]) == 0
+    table = capsys.readouterr().out
+    assert "pop (most popular)" in table and "ids (IDs, scratch)" in table

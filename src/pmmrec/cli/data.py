@@ -25,7 +25,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     columns = PrepareColumns(user=args.user_col, item=args.item_col, time=args.time_col, title=args.title_col,
                              image=args.image_col, meta_item=args.meta_item_col, sep=args.sep,
-                             list_sep=args.list_sep)
+                             list_sep=args.list_sep, time_unit=args.time_unit)
     report = prepare_domain(args.interactions, args.items, args.out, image_dir=args.images, columns=columns,
                             kcore=args.kcore, min_seq_len=args.min_seq_len, split_by=args.split_by,
                             groups=groups, empty_title=args.empty_title, overwrite=args.overwrite)
@@ -85,10 +85,12 @@ def cmd_data_export_atomic(args: argparse.Namespace) -> None:
     from pmmrec.data.atomic_export import export_atomic
 
     overrides = [f"data.{key}={value}" for key, value in (("max_seq_len", args.max_seq_len),
-                                                          ("min_seq_len", args.min_seq_len)) if value is not None]
+                                                          ("min_seq_len", args.min_seq_len),
+                                                          ("history", args.history)) if value is not None]
     data = load_config(args.config, overrides).data  # the split of the run this export is compared with
     report = export_atomic(args.domain, args.out, name=args.name, max_seq_len=data.max_seq_len,
-                           min_seq_len=data.min_seq_len, images=args.images, overwrite=args.overwrite)
+                           min_seq_len=data.min_seq_len, history=data.history, images=args.images,
+                           overwrite=args.overwrite)
     print(report.summary())
 
 
@@ -136,7 +138,11 @@ def _add_data_prepare(dsub) -> None:
     p.add_argument("--images", help="folder of images named <item id>.<ext> (or use --image-col)")
     p.add_argument("--user-col", default="user", help="user column of INTERACTIONS (default: user)")
     p.add_argument("--item-col", default="item", help="item column of INTERACTIONS (default: item)")
-    p.add_argument("--time-col", default="timestamp", help="time column of INTERACTIONS (default: timestamp)")
+    p.add_argument("--time-col", default="timestamp", help="time column of INTERACTIONS (default: timestamp): unix "
+                   "epochs or ISO-8601 dates/datetimes (2018-09-20, 2018-09-20T14:03:00Z)")
+    p.add_argument("--time-unit", choices=["auto", "s", "ms"], default="auto",
+                   help="unit of numeric timestamps (auto: milliseconds from 1e11 on); matters only where a column "
+                        "mixes numbers and ISO dates")
     p.add_argument("--meta-item-col", default=None, help="item column of ITEMS (default: same as --item-col)")
     p.add_argument("--title-col", default="title", help="title column of ITEMS (default: title)")
     p.add_argument("--image-col", default="image_path", help="image path column of ITEMS, if present")
@@ -187,7 +193,7 @@ def _add_data_interchange(dsub) -> None:
     p = _command(dsub, "export-atomic", "write a domain's exact leave-one-out split as RecBole benchmark files "
                  "(<name>.{train,valid,test}.inter, <name>.item, a RecBole config and a split manifest), "
                  "so any RecBole model trains and tests on the same examples; the split follows the recipe's "
-                 "data.max_seq_len and data.min_seq_len",
+                 "data.max_seq_len, data.min_seq_len and data.history",
                  "pmmrec data export-atomic data/world/target --out recbole/target --config configs/tiny.yaml",
                  cmd_data_export_atomic)
     p.add_argument("domain", help="a domain folder")
@@ -195,6 +201,8 @@ def _add_data_interchange(dsub) -> None:
     p.add_argument("-c", "--config", help="the run's YAML recipe, whose data.max_seq_len/min_seq_len set the split")
     p.add_argument("--max-seq-len", type=int, help="override data.max_seq_len (default: the recipe's, else 20)")
     p.add_argument("--min-seq-len", type=int, help="override data.min_seq_len (default: the recipe's, else 3)")
+    p.add_argument("--history", choices=["all", "reference"],
+                   help="override data.history (default: the recipe's, else all: whole histories)")
     p.add_argument("--name", help="the dataset name (default: the --out folder's name)")
     p.add_argument("--images", action="store_true", help="also write each item's image into OUT/images/")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -1,4 +1,4 @@
-"""``pmmrec config show``, ``pretrain``, ``transfer`` and ``train``."""
+"""``pmmrec config show``, ``pretrain``, ``transfer``, ``train`` and ``baseline``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,20 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     _print_results(transfer(args.checkpoint, args.config, overrides, resume=args.resume))
 
 
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from pmmrec.config import load_config
+
+    if args.name == "pop":
+        from pmmrec.evaluation.baselines import run_most_popular
+
+        _print_results(run_most_popular(load_config(args.config, args.overrides)))
+    else:  # ID-based SASRec: a model like the others, trained from scratch
+        from pmmrec.training import train
+
+        overrides = [*args.overrides, "model.item_tower=id", "model.user_encoder=sasrec"]
+        _print_results(train(load_config(args.config, overrides), resume=getattr(args, "resume", False)))
+
+
 def _add_training_commands(sub) -> None:
     """``pmmrec config show``, ``pretrain``, ``transfer`` and ``train``."""
     cfg = sub.add_parser("config", help="inspect configurations", parents=[_common_options()])
@@ -63,6 +77,17 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--objectives", metavar="LIST", help="fine-tuning objectives (default: objectives.use, i.e. rec)")
     p.add_argument("--from", dest="checkpoint", help="the pretrained checkpoint (its text/vision/model settings "
                    "are used unless the recipe or overrides change them)")
+    _config_args(p, resume=True)
+    base = sub.add_parser("baseline", help="reference points on one domain, in the same harness and run folders",
+                          parents=[_common_options()])
+    bsub = base.add_subparsers(dest="name", metavar="BASELINE", required=True)
+    p = _command(bsub, "pop", "most popular: every user gets the items ranked by training popularity",
+                 "pmmrec baseline pop -c configs/cpu.yaml data.domain=data/world/target run.dir=runs/pop",
+                 cmd_baseline)
+    _config_args(p)
+    p = _command(bsub, "sasrec", "SASRec over item IDs (model.item_tower=id), trained from scratch",
+                 "pmmrec baseline sasrec -c configs/cpu.yaml data.domain=data/world/target run.dir=runs/sasrec",
+                 cmd_baseline)
     _config_args(p, resume=True)
     p = _command(sub, "train", "train from scratch on one domain (any item tower); writes run.dir",
                  "pmmrec train -c configs/tiny.yaml data.domain=data/world/target run.dir=runs/tiny", cmd_train)

@@ -26,6 +26,7 @@ from pmmrec.config.schema import (
     NidConfig,
     ObjectivesConfig,
     RclConfig,
+    RecConfig,
     RunConfig,
     TextConfig,
     TrainConfig,
@@ -35,6 +36,6 @@ from pmmrec.config.schema import (
 )
 
 __all__ = ["RETIRED_KEYS", "Config", "DataConfig", "EvalConfig", "Fusion", "ModelConfig", "Modality", "NiclConfig",
-           "NidConfig", "ObjectivesConfig", "RclConfig", "RunConfig", "TextConfig", "TrainConfig", "TransferConfig",
+           "NidConfig", "ObjectivesConfig", "RclConfig", "RecConfig", "RunConfig", "TextConfig", "TrainConfig", "TransferConfig",
            "UserEncoderName", "VisionConfig", "config_differences", "config_from_dict", "config_to_yaml", "dump_config",
            "load_config", "parse_override"]

@@ -23,6 +23,9 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)  # source domain folders (pretrain)
     min_seq_len: int = 3  # shorter sequences are dropped and counted (paper/ref)
     max_seq_len: int = 20  # the user encoder reads the last max_seq_len items (paper/ref)
+    # "all": every interaction trains and every item of the domain is ranked; "reference": the reference code's cut
+    # of each user to the last max_seq_len + 3 items (for its pre-cut datasets; most of a real log is lost).
+    history: Literal["all", "reference"] = "all"
     missing_image: Literal["error", "blank"] = "error"  # items with no image: fail, or use a blank image
     empty_title: Literal["error", "blank"] = "error"  # items with an empty title: fail, or use ""
     mix: Literal["mixed", "per_domain"] = "mixed"  # pretraining batches mix domains, or one domain per batch
@@ -74,7 +77,11 @@ class ModelConfig:
     fusion: Fusion = "merged_attention"  # paper/ref default
     fusion_init: str | None = None  # local BERT folder to initialise merged attention from; None = random
     modality: Modality = "multimodal"
-    item_tower: Literal["content", "id"] = "content"  # "id" = the ID-embedding SASRec baseline
+    # "content": items are their title and image (PMMRec); "id": an ID embedding table (the SASRec baseline);
+    # "content+id": the content vector plus a learned ID embedding, initialised at zero and dropped out per item
+    # with probability id_dropout, so an item without an ID (cold start, a new domain) is its content vector alone.
+    item_tower: Literal["content", "id", "content+id"] = "content"
+    id_dropout: float = 0.1  # content+id: probability that an item's ID embedding is left out in a training step
     user_encoder: UserEncoderName = "sasrec"
     num_blocks: int = 2  # SASRec blocks (paper: 2)
     num_heads: int = 2  # SASRec heads (paper: 2)
@@ -83,12 +90,32 @@ class ModelConfig:
     @property
     def uses_images(self) -> bool:
         """Whether the item tower reads images (so a domain's image database must be complete)."""
-        return self.item_tower == "content" and self.modality in ("multimodal", "vision")
+        return self.item_tower != "id" and self.modality in ("multimodal", "vision")
 
     def __post_init__(self):
         _positive(self, "dim", "num_blocks", "num_heads")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        if not 0.0 <= self.id_dropout <= 1.0:
+            raise ConfigError(f"model.id_dropout must be in [0, 1] (got {self.id_dropout})")
+
+
+@dataclass
+class RecConfig:
+    # The candidates of L_rec's softmax. "in_batch": every item slot of the batch (the reference code; logQ
+    # corrected with objectives.logq); "catalogue": every item of the domain (encoded once per step; exact, no
+    # sampling bias, so no logQ); "sampled": num_negatives items drawn per step from the catalogue and shared by the
+    # batch (for catalogues too big for "catalogue"; corrected by the log of the sampling distribution).
+    negatives: Literal["in_batch", "catalogue", "sampled"] = "in_batch"
+    num_negatives: int = 1024  # sampled: negatives per step (drawn with replacement)
+    sampling: Literal["uniform", "popularity"] = "uniform"  # sampled: uniform, or by training popularity**alpha
+    alpha: float = 0.75  # sampled + popularity: the exponent (word2vec's 0.75 flattens the head)
+
+    def __post_init__(self):
+        if self.num_negatives < 1:
+            raise ConfigError(f"objectives.rec.num_negatives must be positive (got {self.num_negatives})")
+        if self.alpha < 0:
+            raise ConfigError(f"objectives.rec.alpha must be >= 0 (got {self.alpha})")
 
 
 @dataclass
@@ -125,6 +152,7 @@ class ObjectivesConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"rec": 1.0, "nicl": 0.4, "nid": 0.2, "rcl": 0.2})  # our design (docs/design.md §5)
     logq: bool = True  # popularity (logQ) correction of in-batch logits (ref code); false = plain in-batch softmax
+    rec: RecConfig = field(default_factory=RecConfig)
     nicl: NiclConfig = field(default_factory=NiclConfig)
     nid: NidConfig = field(default_factory=NidConfig)
     rcl: RclConfig = field(default_factory=RclConfig)
@@ -146,6 +174,10 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float | None = 1.0
     grad_accum: int = 1
+    # Training windows of max_seq_len + 1 items: "all" tiles each user's training sequence from its end, so every
+    # position is a target once per epoch; "last" is one window per user (the reference code); "random" one
+    # window per user per epoch, ending at a random position.
+    windows: Literal["all", "last", "random"] = "all"
     amp: Literal["off", "bf16", "fp16"] = "off"  # GPU autocast; off on CPU
     deterministic: bool = False
     patience: int = 5  # early stopping on validation NDCG@10, in evaluations

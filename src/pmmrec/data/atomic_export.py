@@ -53,11 +53,12 @@ class AtomicExportReport:
 
 
 def export_atomic(domain_dir: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
-                  max_seq_len: int = 20, min_seq_len: int = 3, images: bool = False,
+                  max_seq_len: int = 20, min_seq_len: int = 3, history: str = "all", images: bool = False,
                   overwrite: bool = False) -> AtomicExportReport:
     """Write the leave-one-out split of the domain at ``domain_dir`` as RecBole benchmark files in ``out``.
 
-    The split is pmmrec's, with these ``max_seq_len`` / ``min_seq_len`` (use the run's ``data.*`` values).
+    The split is pmmrec's, with these ``max_seq_len`` / ``min_seq_len`` / ``history`` (use the run's ``data.*``
+    values).
     ``images``: also copy each item's image file into ``out/images/`` and name it in the ``.item`` file.
     """
     out = Path(out)
@@ -67,7 +68,7 @@ def export_atomic(domain_dir: str | os.PathLike, out: str | os.PathLike, *, name
     if out.resolve() == Path(domain_dir).resolve() or out.resolve() in Path(domain_dir).resolve().parents:
         raise PmmrecError(f"--out {out} contains the domain {domain_dir}; choose another output folder")
     domain = read_domain(domain_dir, empty_title="blank")
-    split = leave_one_out(domain, max_seq_len, min_seq_len)
+    split = leave_one_out(domain, max_seq_len, min_seq_len, history)
     bad = next((u for u in split.user_ids if u.split() != [u]), None)
     if bad is not None:
         raise DataError(f"user id {bad!r} contains whitespace, which a RecBole token cannot hold",

@@ -1,8 +1,8 @@
 """Torch datasets over a leave-one-out split: training windows and evaluation sequences (docs/design.md §3).
 
-Training (reference code): each user contributes ONE window, the last ``max_seq_len + 1`` items of the training
-sequence, left-padded with 0; positions 0..L-1 are inputs and 1..L are their next-item targets. Evaluation: the
-``max_seq_len`` items before the target are the input; every earlier item is the history that the
+Training: windows of ``max_seq_len + 1`` items of a training sequence, left-padded with 0; positions 0..L-1 are
+inputs and 1..L are their next-item targets; ``train.windows`` decides which windows (:class:`TrainWindows`).
+Evaluation: the ``max_seq_len`` items before the target are the input; every earlier item is the history that the
 ``exclude_history`` protocol removes from the ranking.
 """
 
@@ -26,12 +26,54 @@ def left_pad(seq: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-class TrainWindows(Dataset):
-    """One (L+1,) window of item numbers per user."""
+WINDOW_MODES = ("all", "last", "random")
 
-    def __init__(self, train: list[np.ndarray], max_seq_len: int):
-        self.windows = np.stack([left_pad(s, max_seq_len + 1) for s in train]) if train else \
-            np.zeros((0, max_seq_len + 1), dtype=np.int64)
+
+def tile_ends(length: int, max_seq_len: int) -> list[int]:
+    """Where the windows that tile a training sequence of ``length`` items end (exclusive), newest first.
+
+    A window ending at ``e`` holds items ``e - L - 1 .. e - 1`` and predicts items ``e - L .. e - 1``; ends step
+    down by ``L``, so every item but the first (which has no input before it) is a target exactly once.
+    """
+    return list(range(length, 1, -max_seq_len))
+
+
+class TrainWindows(Dataset):
+    """(L+1,) windows of item numbers, left-padded; ``owner[w]`` is the user of window ``w``.
+
+    ``mode`` (``train.windows``): ``all`` tiles every training sequence (:func:`tile_ends`), ``last`` is one window
+    per user ending at its last training item (the reference code), ``random`` one window per user ending at a
+    position drawn anew each epoch (:meth:`set_epoch`) from ``(seed, epoch)``. The number of windows is the same
+    every epoch, so an epoch's batch plan depends on (seed, epoch) alone.
+    """
+
+    def __init__(self, train: list[np.ndarray], max_seq_len: int, mode: str = "last", seed: int = 0):
+        if mode not in WINDOW_MODES:
+            raise ValueError(f"train.windows must be one of {list(WINDOW_MODES)}, got {mode!r}")
+        self.train, self.max_seq_len, self.mode, self.seed = train, max_seq_len, mode, seed
+        if mode == "all":
+            pairs = [(u, e) for u, seq in enumerate(train) for e in (tile_ends(len(seq), max_seq_len) or [len(seq)])]
+        else:
+            pairs = [(u, len(seq)) for u, seq in enumerate(train)]
+        self.owner = np.array([u for u, _ in pairs], dtype=np.int64)
+        self._build([e for _, e in pairs])
+        self.epoch = None
+
+    def _build(self, ends: list[int]) -> None:
+        L = self.max_seq_len
+        self.windows = np.stack([left_pad(self.train[u][max(0, e - L - 1):e], L + 1)
+                                 for u, e in zip(self.owner.tolist(), ends, strict=True)]) if ends else \
+            np.zeros((0, L + 1), dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """``random`` windows: draw this epoch's window ends (a no-op for the other modes)."""
+        if self.mode != "random" or self.epoch == epoch:
+            return
+        rng = np.random.default_rng([self.seed, epoch])
+        # An end e in [2, n]: at least one input and one target (a one-item sequence keeps its only window).
+        ends = [int(rng.integers(2, len(seq) + 1)) if len(seq) >= 2 else len(seq) for seq in self.train]
+        self._build(ends)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -224,6 +224,9 @@ class ItemFeatureStore:
         self.text_states: torch.Tensor | None = None  # (N+1, T_max, H) float16
         self.image_states: torch.Tensor | None = None  # (N+1, P, H) float16
         self.has_image: torch.Tensor | None = None  # (N+1,) bool, kept with image_states
+        # (N+1,) each item's row in the model's ID table (0 = no ID), for an ID-bearing model serving a catalogue
+        # other than the one it trained on; None = the item numbers themselves.
+        self.id_rows: np.ndarray | None = None
 
     @classmethod
     def build(cls, titles: Sequence[str], image_refs: Sequence[ImageRef] | None, *,
@@ -252,8 +255,8 @@ class ItemFeatureStore:
             raise ValueError(f"items must be 1-D, got shape {items_np.shape}")
         if items_np.size and (items_np.min() < 0 or items_np.max() > self.num_items):
             raise IndexError(f"item numbers must be in [0, {self.num_items}]")
-        out = ItemInputs(items=torch.from_numpy(items_np))
         index = torch.from_numpy(items_np)
+        out = ItemInputs(items=index if self.id_rows is None else torch.from_numpy(self.id_rows[items_np]))
         if self.text_states is not None:
             width = max(int(self.tokens.lengths[items_np].max(initial=0)), 1)
             out.text_mask = self.tokens.lookup(items_np)[1]

@@ -43,13 +43,15 @@ class TrainBatches:
         self.batch_size, self.seed, self.views, self.mix = batch_size, seed, views, mix
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        # Per source domain, its windows (a window belongs to its user's domain).
+        self._view_windows = [np.flatnonzero(np.isin(windows.owner, view.users)) for view in views or []]
         self._len = len(self.plan(0))  # the same every epoch
 
     def __len__(self) -> int:
         return self._len
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches (lists of user indices) in a (seed, epoch)-determined order; under torchrun, this
+        """The epoch's batches (lists of window indices) in a (seed, epoch)-determined order; under torchrun, this
         rank's slice of each (possibly empty in a last batch with fewer users than ranks)."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         size = self.batch_size
@@ -58,9 +60,9 @@ class TrainBatches:
             plan = [order[i:i + size] for i in range(0, len(order), size)]
         else:
             plan = []
-            for view in self.views:
-                users = view.users[torch.randperm(len(view.users), generator=generator).numpy()].tolist()
-                plan += [users[i:i + size] for i in range(0, len(users), size)]
+            for windows in self._view_windows:
+                windows = windows[torch.randperm(len(windows), generator=generator).numpy()].tolist()
+                plan += [windows[i:i + size] for i in range(0, len(windows), size)]
             plan = [plan[i] for i in torch.randperm(len(plan), generator=generator).tolist()]
         return plan if self.world == 1 else [self._my_slice(batch) for batch in plan]
 
@@ -72,6 +74,7 @@ class TrainBatches:
     def epoch(self, epoch: int, skip: int = 0) -> DataLoader:
         """The epoch's batches, skipping the first ``skip`` (resume)."""
         # A generator of its own, so creating the loader never draws from the global RNG (exact resume).
+        self.windows.set_epoch(epoch)  # train.windows=random: this epoch's windows, from (seed, epoch)
         slots = self.windows.windows.shape[1]
         return DataLoader(self.windows, batch_sampler=self.plan(epoch)[skip:],
                           collate_fn=_RankCollator(WindowCollator(self.store), slots),

@@ -49,7 +49,8 @@ def load_sources(config: Config) -> tuple[SplitData, list[DomainView]]:
     domains = [read_domain(path, empty_title=config.data.empty_title,
                            missing_image=config.data.missing_image if config.model.uses_images else None)
                for path in config.data.sources]
-    split = leave_one_out(merge_domains(domains), config.data.max_seq_len, config.data.min_seq_len)
+    split = leave_one_out(merge_domains(domains), config.data.max_seq_len, config.data.min_seq_len,
+                          config.data.history)
     views = domain_views(split)
     for view in views:
         log.info("source %s: %d users, %d items", view.name, len(view.users), len(view.items))
@@ -62,7 +63,7 @@ def load_split(config: Config) -> SplitData:
         raise PmmrecError("no domain to train on: set data.domain=FOLDER (e.g. data.domain=data/world/target)")
     domain = read_domain(config.data.domain, empty_title=config.data.empty_title,
                          missing_image=config.data.missing_image if config.model.uses_images else None)
-    split = leave_one_out(domain, config.data.max_seq_len, config.data.min_seq_len)
+    split = leave_one_out(domain, config.data.max_seq_len, config.data.min_seq_len, config.data.history)
     if not split.train:
         raise PmmrecError(f"{config.data.domain}: no user has {config.data.min_seq_len} or more interactions")
     log.info("domain %s: %d users (%d dropped as too short), %d items", domain.name, len(split.train),

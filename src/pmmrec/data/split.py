@@ -1,14 +1,21 @@
 """Leave-one-out split and multi-domain merging (docs/design.md §3).
 
-The split follows the PMMRec reference code exactly (``read_behaviors`` in its data utilities): users with fewer
-than ``min_seq_len`` items are dropped, each sequence is cut to its last ``max_seq_len + 3`` items, the catalogue
-keeps only the items occurring in those cut sequences (renumbered 1..N in their original order, 0 = padding), and
+Users with fewer than ``min_seq_len`` items are dropped (and counted). Two ways to treat the rest
+(``data.history``):
 
-* train = ``seq[:-2]`` (every position predicts the next one, up to item n-2),
-* valid = ``seq[-(max_seq_len + 2):-1]`` (inputs, then the validation target: item n-1),
-* test  = ``seq[-(max_seq_len + 1):]`` (inputs, then the test target: item n).
+* ``all`` (default): every interaction is kept and the catalogue is every item of the domain (its numbering
+  unchanged). Train = ``seq[:-2]`` in full; the validation target is item n-1 and the test target item n; the
+  evaluation input is the last ``max_seq_len`` items before the target, and the whole history before it is what
+  ``exclude_history`` removes from the ranking.
+* ``reference``: the PMMRec reference code's rule (``read_behaviors`` in its data utilities), written for
+  datasets already cut to about 23 interactions a user: each sequence is cut to its last ``max_seq_len + 3`` items
+  first, and the catalogue keeps only the items occurring in the cut sequences (renumbered 1..N in their original
+  order). On real logs this discards most of the data (86% of MovieLens-1M); keep it to reproduce the paper on its
+  own datasets.
 
-Popularity statistics come from the training part only, so they never see a validation or test target.
+In both, train = ``seq[:-2]``, valid = ``seq[-(max_seq_len + 2):-1]`` (inputs, then the validation target) and
+test = ``seq[-(max_seq_len + 1):]`` (inputs, then the test target). Popularity statistics come from the training
+part only, so they never see a validation or test target.
 """
 
 from __future__ import annotations
@@ -49,8 +56,13 @@ class SplitData:
         return len(self.user_ids)
 
 
-def leave_one_out(domain: Domain, max_seq_len: int = 20, min_seq_len: int = 3) -> SplitData:
-    """Split ``domain`` as the reference code does (see the module docstring)."""
+HISTORIES = ("all", "reference")
+
+
+def leave_one_out(domain: Domain, max_seq_len: int = 20, min_seq_len: int = 3, history: str = "all") -> SplitData:
+    """Split ``domain`` (see the module docstring for ``history``: ``all`` or ``reference``)."""
+    if history not in HISTORIES:
+        raise ConfigError(f"data.history must be one of {list(HISTORIES)}, got {history!r}")
     if min_seq_len < 3:
         # A kept user needs a training item, a validation target and a test target.
         raise ConfigError(f"min_seq_len must be >= 3 (got {min_seq_len})")
@@ -61,12 +73,16 @@ def leave_one_out(domain: Domain, max_seq_len: int = 20, min_seq_len: int = 3) -
     for uid, seq in zip(domain.user_ids, domain.sequences, strict=True):
         if len(seq) >= min_seq_len:
             user_ids.append(uid)
-            cut.append(np.asarray(seq, dtype=np.int64)[-(max_seq_len + 3):])
+            seq = np.asarray(seq, dtype=np.int64)
+            cut.append(seq[-(max_seq_len + 3):] if history == "reference" else seq)
     if not cut:
         raise DataError(f"no user of domain {domain.name!r} has at least {min_seq_len} interactions",
                         domain.path)
     occurs = np.zeros(domain.num_items + 1, dtype=bool)
-    occurs[np.concatenate(cut)] = True
+    if history == "reference":  # the catalogue: the items of the cut sequences
+        occurs[np.concatenate(cut)] = True
+    else:  # every item of the domain
+        occurs[:] = True
     occurs[0] = False
     old = np.flatnonzero(occurs)  # ascending: the original order survives renumbering
     renumber = np.zeros(domain.num_items + 1, dtype=np.int64)

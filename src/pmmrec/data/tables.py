@@ -6,7 +6,13 @@ is found by its exact name, then case-insensitively, then, when left at its defa
 from the header. Every row is validated as it is read, and every error is a :class:`~pmmrec.errors.DataError`
 naming the file, the line (for Parquet, the 1-based row) and the column where one is at fault: missing columns,
 wrong field counts, malformed quoting, invalid UTF-8, empty or whitespace-holding ids, duplicate item ids and
-timestamps that are not finite numbers.
+timestamps that are neither finite numbers nor ISO-8601 dates.
+
+Timestamps: numeric epochs (seconds or milliseconds), or ISO-8601 dates and datetimes (``2018-09-20``,
+``2018-09-20T14:03:00``, with or without a time zone; naive ones are read as UTC). Only their order matters, so a
+column of one kind is used as it is; in a column that mixes ISO dates and numbers, the numbers are converted to
+seconds first, their unit given by ``time_unit`` or detected (``auto``: milliseconds when a value is at least
+1e11, i.e. past the year 5000 in seconds).
 
 :func:`read_items` and :func:`read_interactions` return the two tables parsed (ids, titles, per-row codes);
 filtering, splitting into domains and writing are :mod:`pmmrec.data.prepare`'s.
@@ -19,6 +25,7 @@ import gzip
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +55,7 @@ class PrepareColumns:
     image: str | None = "image_path"  # optional per-item image file, found in the image folder by its stem
     sep: str = "auto"  # field separator of CSV/TSV files; "auto": tab for .tsv, else sniffed from the header
     list_sep: str = "|"  # separator inside a list-valued column (MovieLens genres: Action|Comedy)
+    time_unit: str = "auto"  # numeric timestamps: "s", "ms" or "auto" (see the module docstring)
 
 
 
@@ -195,7 +203,11 @@ def _check_id(value, path: Path, line: int, column: str) -> str:
     return text
 
 
-def _parse_time(value, path: Path, line: int, column: str):
+MS_THRESHOLD = 1e11  # auto: a numeric timestamp this large is in milliseconds (in seconds: past the year 5000)
+
+
+def _parse_time(value, path: Path, line: int, column: str) -> tuple[int | float, bool]:
+    """``(time, is_iso)``: a number as it is, or an ISO-8601 date/datetime as seconds since the epoch."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         t = value
     else:
@@ -203,16 +215,42 @@ def _parse_time(value, path: Path, line: int, column: str):
         if not text:
             raise DataError("empty timestamp", path, line, column)
         try:
-            return int(text)
+            return int(text), False
         except ValueError:
             try:
                 t = float(text)
             except ValueError:
-                raise DataError(f"timestamp {text[:40]!r} is not a number (e.g. unix seconds)",
-                                path, line, column) from None
+                return _parse_iso(text, path, line, column), True
     if not math.isfinite(t):
         raise DataError(f"timestamp {value!r} is not finite", path, line, column)
-    return t
+    return t, False
+
+
+def _parse_iso(text: str, path: Path, line: int, column: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise DataError(f"timestamp {text[:40]!r} is neither a number (unix seconds or milliseconds) nor an ISO-8601 "
+                        "date or datetime (e.g. 2018-09-20 or 2018-09-20T14:03:00+02:00)", path, line, column) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _combine_times(times: list, iso: list[bool], unit: str) -> tuple[np.ndarray, str]:
+    """The column's times as one ordered array, and how they were read (for the report)."""
+    any_iso = any(iso)
+    numeric = [t for t, i in zip(times, iso, strict=True) if not i]
+    if unit == "auto":
+        unit = "ms" if numeric and max(abs(t) for t in numeric) >= MS_THRESHOLD else "s"
+    if any_iso and numeric:  # mixed: numbers to seconds, so that they order with the dates
+        scale = 1000.0 if unit == "ms" else 1.0
+        times = [t if i else t / scale for t, i in zip(times, iso, strict=True)]
+    out = np.asarray(times)
+    if out.dtype == object:  # an integer beyond int64: order as floats
+        out = out.astype(np.float64)
+    kind = "iso-8601" if any_iso and not numeric else f"numeric ({unit})" if not any_iso else f"iso-8601 + numeric ({unit})"
+    return out, kind
 
 
 @dataclass
@@ -280,6 +318,7 @@ def read_interactions(path: Path, columns: PrepareColumns, items: ItemTable) -> 
     user_codes: list[int] = []
     item_codes: list[int] = []
     times: list = []
+    iso: list[bool] = []
     index = items.index
     for line, (user, item, t) in rows:
         code = raw_users.get(user)
@@ -302,18 +341,19 @@ def read_interactions(path: Path, columns: PrepareColumns, items: ItemTable) -> 
         user_codes.append(code)
         item_codes.append(position)
         if t_col is not None:
-            times.append(_parse_time(t, path, line, t_col))
+            value, is_iso = _parse_time(t, path, line, t_col)
+            times.append(value)
+            iso.append(is_iso)
     n = len(user_codes)
+    kind = "file order"
     if t_col is None:
         time_arr = np.arange(n, dtype=np.int64)
     else:
-        time_arr = np.asarray(times)
-        if time_arr.dtype == object:  # an integer beyond int64: order as floats
-            time_arr = time_arr.astype(np.float64)
+        time_arr, kind = _combine_times(times, iso, columns.time_unit)
     if not n:
         raise DataError("no interactions", path)
     log_ = InteractionLog(user_ids, np.asarray(user_codes, dtype=np.int64), np.asarray(item_codes, dtype=np.int64),
                           time_arr, unknown)
-    return log_, {"user": user_col, "item": item_col, "time": t_col}
+    return log_, {"user": user_col, "item": item_col, "time": t_col, "time_format": kind}
 
 

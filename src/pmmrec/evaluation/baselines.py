@@ -1,12 +1,23 @@
-"""Non-learned reference points, evaluated with the same full ranking as the models."""
+"""Non-learned reference points, evaluated with the same full ranking as the models (``pmmrec baseline pop``).
+
+The learned baseline, ID-based SASRec, is a model like the others: ``pmmrec baseline sasrec`` (or ``pmmrec train
+model.item_tower=id``).
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pmmrec.config import Config, dump_config
 from pmmrec.data.datasets import EvalSequences
+from pmmrec.data.sources import eval_splits, load_split
 from pmmrec.evaluation.ranking import evaluate_rankings
+from pmmrec.utils.io import atomic_write_text
 
 
 def most_popular(train_counts: np.ndarray, sequences: EvalSequences, ks: list[int]) -> dict:
@@ -15,3 +26,22 @@ def most_popular(train_counts: np.ndarray, sequences: EvalSequences, ks: list[in
     item_vecs[0] = 0.0  # (N+1, 1): a score per item; row 0 is padding
     users = torch.ones(len(sequences), 1, dtype=torch.float64)  # (U, 1)
     return evaluate_rankings(users, item_vecs, sequences.targets, sequences.histories, ks)
+
+
+def run_most_popular(config: Config) -> dict:
+    """``pmmrec baseline pop``: most-popular on ``data.domain``, evaluated like a model; writes ``run.dir``
+    (``config.yaml`` and ``results.json``, so that ``pmmrec report`` shows it beside the models)."""
+    started = time.perf_counter()
+    split = load_split(config)
+    valid, test = eval_splits(split, config.data.max_seq_len)
+    results = {"baseline": "most popular",
+               "valid": most_popular(split.train_counts, valid, config.eval.ks),
+               "test": most_popular(split.train_counts, test, config.eval.ks),
+               "num_items": split.num_items, "num_users": split.num_users,
+               "data": {"history": config.data.history}}
+    results["seconds"] = round(time.perf_counter() - started, 3)
+    run = Path(config.run.dir)
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run / "config.yaml")
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
+    return results

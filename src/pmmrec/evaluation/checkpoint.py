@@ -9,7 +9,7 @@ from pmmrec.data.sources import eval_splits, load_split
 from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.evaluator import SplitEvaluator
 from pmmrec.models.features import build_feature_store, cache_frozen_features
-from pmmrec.models.loading import load_model
+from pmmrec.models.loading import id_rows, load_model
 from pmmrec.runtime import distributed
 from pmmrec.runtime.device import resolve_device
 
@@ -33,7 +33,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (),
         cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else Path(config.run.dir) / "cache"
         with distributed.main_first():
             store = build_feature_store(config, model.item_encoder, split.titles, split.image_sources,
-                                        cache_dir=cache_dir)
+                                        cache_dir=cache_dir, id_rows=id_rows(loaded.item_ids, split.item_ids))
             cache_frozen_features(model.item_encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
                                   prefixes=config.train.feature_cache, progress=distributed.is_main())
         valid, test = eval_splits(split, config.data.max_seq_len)

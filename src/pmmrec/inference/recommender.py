@@ -41,7 +41,7 @@ from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo,
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
 from pmmrec.models.features import build_feature_store
-from pmmrec.models.loading import load_model
+from pmmrec.models.loading import id_rows, load_model
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
 
@@ -110,7 +110,7 @@ class Recommender:
         self.unknown_items = unknown_items
         self.max_seq_len = config.data.max_seq_len
         encoder = model.item_encoder
-        self.can_add_items = encoder.tower == "content"
+        self.can_add_items = encoder.tower != "id"  # content+id: a new item is its content vector alone
         self._tokenizer = tokenizer_dir(config.text.encoder) if encoder.uses_text else None
         self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
@@ -142,7 +142,8 @@ class Recommender:
                        unknown_items=unknown_items)
         catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
                                        missing_image=config.data.missing_image if config.model.uses_images else None)
-        vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress)
+        vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress,
+                                 id_rows(trained_ids, catalogue_domain.item_ids))
         refs = catalogue_domain.image_refs()
         present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
         catalogue = Catalogue(catalogue_domain.item_ids, vectors.cpu(), catalogue_domain.titles, refs, present)
@@ -402,10 +403,10 @@ class Recommender:
 
 
 def _encode_domain(model: PMMRec, config: Config, domain: Domain, device: torch.device, batch_size: int,
-                   progress: bool) -> Tensor:
+                   progress: bool, rows: np.ndarray | None = None) -> Tensor:
     """(N+1, D) vectors of a domain's items through the model's ItemEncoder (row 0 = padding)."""
     refs = domain.image_refs() if model.item_encoder.uses_vision else None
-    store = build_feature_store(config, model.item_encoder, domain.titles, refs, image_cache_items=0)
+    store = build_feature_store(config, model.item_encoder, domain.titles, refs, image_cache_items=0, id_rows=rows)
     try:
         return encode_catalogue(model, store, domain.num_items, device, batch_size, progress)
     finally:

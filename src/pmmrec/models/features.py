@@ -48,20 +48,23 @@ log = logging.getLogger(__name__)
 
 def build_feature_store(config: Config, encoder: ItemEncoder, titles: Sequence[str],
                         image_refs: Sequence[ImageRef] | None, *, cache_dir: str | Path | None = None,
-                        image_cache_items: int = 4096) -> ItemFeatureStore | None:
+                        image_cache_items: int = 4096, id_rows: np.ndarray | None = None) -> ItemFeatureStore | None:
     """The model inputs of a catalogue, for exactly the modalities ``encoder`` reads (None for the ID tower).
 
     The one builder of item features: training, evaluation and the Recommender all call it, so the tokenizer,
-    the title settings and the image preprocessing are always the ones the encoder was built with.
+    the title settings and the image preprocessing are always the ones the encoder was built with. ``id_rows``
+    (see :func:`pmmrec.models.loading.id_rows`): a ``content+id`` model serving another catalogue.
     """
     if not (encoder.uses_text or encoder.uses_vision):
         return None
-    return ItemFeatureStore.build(
+    store = ItemFeatureStore.build(
         titles, image_refs if encoder.uses_vision else None,
         tokenizer_path=tokenizer_dir(config.text.encoder) if encoder.uses_text else None,
         max_tokens=config.text.max_tokens, lowercase=config.text.lowercase,
         preprocessor=encoder.vision.preprocessor() if encoder.uses_vision else None,
         missing_image=config.data.missing_image, cache_dir=cache_dir, image_cache_items=image_cache_items)
+    store.id_rows = id_rows
+    return store
 
 
 def frozen_weights_digest(model: nn.Module, trainable: Iterable[nn.Module]) -> str:

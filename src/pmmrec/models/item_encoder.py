@@ -4,7 +4,10 @@ PMMRec §III-A: a text encoder and a vision encoder (pretrained, top blocks fine
 each projected to ``model.dim``; a fusion module turns the two token sequences into one vector. Text-only and
 vision-only items (``model.modality``) skip the fusion and mean-pool their one modality, as the reference code
 does. ``model.item_tower: id`` replaces all of it by an ID embedding table (the SASRec baseline), which is the
-one item tower that cannot transfer to new items.
+one item tower that cannot transfer to new items. ``content+id`` adds a learned ID embedding to the content vector:
+initialised at zero (training starts from the content model) and left out per item with probability
+``model.id_dropout`` in training, so the content part alone stays a good item vector. Item number 0 (no ID: an
+item added after training, or one of a domain the model never saw) is its content vector alone.
 """
 
 from __future__ import annotations
@@ -45,14 +48,18 @@ class ItemEncoder(nn.Module):
             self.vision_proj = nn.Linear(self.vision.out_dim, model.dim)
         if self.modality == "multimodal":
             self.fusion = build_fusion(model)
+        self.id_dropout = model.id_dropout
+        if self.tower == "content+id":  # built after the content parts, which then start as a content tower's
+            self.id_embedding = nn.Embedding(num_items + 1, model.dim, padding_idx=0)
+            nn.init.zeros_(self.id_embedding.weight)
 
     @property
     def uses_text(self) -> bool:
-        return self.tower == "content" and self.modality in ("multimodal", "text")
+        return self.tower != "id" and self.modality in ("multimodal", "text")
 
     @property
     def uses_vision(self) -> bool:
-        return self.tower == "content" and self.modality in ("multimodal", "vision")
+        return self.tower != "id" and self.modality in ("multimodal", "vision")
 
     @property
     def pools_first(self) -> bool:
@@ -93,9 +100,20 @@ class ItemEncoder(nn.Module):
 
     def forward(self, items: ItemInputs) -> Tensor:
         """Any flat set of N items -> (N, D) item vectors."""
-        if self.id_embedding is not None:
+        if self.tower == "id":
             return self.id_embedding(items.items)
-        return self.fuse(self.modality_tokens(items))
+        return self.add_ids(self.fuse(self.modality_tokens(items)), items.items)
+
+    def add_ids(self, vectors: Tensor, items: Tensor) -> Tensor:
+        """``content+id``: content vectors (N, D) plus the ID embeddings of ``items`` (N,) (0 = no ID: nothing
+        added), each left out with probability ``id_dropout`` in training. Other towers: ``vectors`` unchanged."""
+        if self.tower != "content+id":
+            return vectors
+        ids = self.id_embedding(items.to(vectors.device))  # (N, D)
+        if self.training and self.id_dropout > 0:
+            keep = torch.rand(len(ids), 1, device=ids.device) >= self.id_dropout  # (N, 1)
+            ids = ids * keep
+        return vectors + ids
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pmmrec.config import Config, config_from_dict
@@ -20,7 +21,7 @@ from pmmrec.errors import PmmrecError
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.runtime.checkpoint import load_checkpoint
 
-__all__ = ["Checkpoint", "LoadedModel", "load_model", "read_checkpoint"]
+__all__ = ["Checkpoint", "LoadedModel", "id_rows", "load_model", "read_checkpoint"]
 
 
 @dataclass
@@ -62,3 +63,12 @@ def load_model(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     model.load_state_dict(checkpoint.state["model"])
     model.to(device).eval()
     return LoadedModel(model, checkpoint.config, checkpoint.item_ids, checkpoint.path)
+
+
+def id_rows(trained_ids: list[str], catalogue_ids: list[str]) -> np.ndarray | None:
+    """``(N+1,)`` the ID-table row of each catalogue item (0 = an item the model has no ID for), or None when the
+    catalogue is the one the model trained on (rows = item numbers). For ``model.item_tower: content+id``."""
+    if list(trained_ids) == list(catalogue_ids):
+        return None
+    row = {item_id: k + 1 for k, item_id in enumerate(trained_ids)}
+    return np.array([0, *(row.get(i, 0) for i in catalogue_ids)], dtype=np.int64)

@@ -124,8 +124,9 @@ class PMMRec(nn.Module):
     def forward(self, batch: SequenceBatch) -> StepOutputs:
         """A training batch -> the tensors every objective's term reads (each distinct item encoded once)."""
         encoder = self.item_encoder
-        tokens = encoder.modality_tokens(batch.inputs) if encoder.tower == "content" else None
-        unique_embs = encoder.fuse(tokens) if tokens is not None else self.encode_items(batch.inputs)  # (U, D)
+        tokens = encoder.modality_tokens(batch.inputs) if encoder.tower != "id" else None
+        unique_embs = (encoder.add_ids(encoder.fuse(tokens), batch.inputs.items) if tokens is not None
+                       else self.encode_items(batch.inputs))  # (U, D)
         item_embs = unique_embs[batch.inverse]  # (B, L+1, D)
         mask = batch.items[:, :-1] != 0  # (B, L)
         states = self.encode_sequences(item_embs[:, :-1], mask)  # (B, L, D)

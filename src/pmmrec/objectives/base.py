@@ -41,6 +41,12 @@ class StepOutputs:
     log_pop: Tensor | None = None  # (N+1,) log training popularity for the logQ correction, or None
     gather_negatives: bool = True  # under torchrun: L_rec's candidates are every rank's slots
     noise_seed: int = 0  # seeds the corruption of L_NID/L_RCL: deterministic per (seed, epoch, batch, rank)
+    step_seed: int = 0  # seeds draws every rank must share (sampled negatives): per (seed, epoch, batch)
+    # Item numbers (k,) -> their vectors (k, D) with gradients, through the model's item encoder; None -> the whole
+    # catalogue (N+1, D), row 0 = padding. Set by the training loop for the catalogue-wide L_rec.
+    item_vectors: Callable[[Tensor | None], Tensor] | None = None
+    num_items: int = 0  # N, the catalogue's size
+    sample_log_q: Tensor | None = None  # (N+1,) log of the distribution sampled negatives are drawn from; None = uniform
     _corrupted: tuple[Tensor, Tensor] | None = None
 
     def corrupted(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pmmrec.objectives.base import Objective
+from pmmrec.objectives.catalogue import catalogue_next_item_loss
 from pmmrec.runtime import distributed
 
 __all__ = ["log_popularity", "next_item_loss", "sample_negative_items", "sampled_next_item_loss",
@@ -159,7 +160,7 @@ def next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, log_po
 
 
 def sampled_next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor, neg_embs: Tensor,
-                           neg_items: Tensor, log_q: Tensor | None = None) -> Tensor:
+                           neg_items: Tensor, log_q: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """L_rec with ``K`` sampled negatives shared by the batch, for batches too large for the in-batch softmax.
 
     The positive of position ``j`` is slot ``j + 1``; the candidates are the positive and the ``K`` negatives
@@ -167,8 +168,11 @@ def sampled_next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor
     whose item occurs in the user's window (the target included) or that is padding is masked out.
     ``log_q`` ``(N+1,)`` is the log of the distribution the negatives were drawn from (e.g.
     :func:`log_popularity` for popularity sampling) and is subtracted from every logit; None (uniform
-    sampling, where the correction is a constant) leaves the logits unchanged.
+    sampling, where the correction is a constant) leaves the logits unchanged. ``reduction``: ``"mean"`` over
+    the non-padded positions or ``"sum"``.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     batch, length, dim = _check_window(user_states, item_embs, items)
     if neg_embs.dim() != 2 or neg_embs.shape[1] != dim or tuple(neg_items.shape) != (neg_embs.shape[0],):
         raise ValueError(f"neg_embs must be (K, {dim}) and neg_items (K,), got {tuple(neg_embs.shape)} and "
@@ -188,7 +192,8 @@ def sampled_next_item_loss(user_states: Tensor, item_embs: Tensor, items: Tensor
         neg_logits = neg_logits - log_q[neg_items]
     neg_logits = _masked_logits(neg_logits, window_item_mask(items, neg_items)[row_user])
     logits = torch.cat([pos_logits, neg_logits], dim=1)  # (V, 1 + K), the positive in column 0
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device),
+                           reduction=reduction)
 
 
 def sample_negative_items(k: int, num_items: int, log_pop: Tensor | None = None,
@@ -208,24 +213,37 @@ def sample_negative_items(k: int, num_items: int, log_pop: Tensor | None = None,
 
 
 def rec_term(out, batch) -> Tensor:
-    """L_rec of the step; under torchrun, this rank's share of the mean over the global batch's positions."""
+    """L_rec of the step with the candidates of ``objectives.rec.negatives``; under torchrun, this rank's share of
+    the mean over the global batch's positions (the same loss at any number of processes)."""
     states, item_embs, items = out.states.float(), out.item_embs.float(), batch.items
+    negatives = out.config.rec.negatives
     world = distributed.world_size()
-    if world == 1:
+    if negatives == "in_batch" and world == 1:
         return next_item_loss(states, item_embs, items, out.log_pop)
-    gathered = {}
-    if out.gather_negatives:
-        # Every rank's slots, in rank order (= the global batch's order); the gradient that this rank's
-        # positions send to other ranks' item vectors flows back to them through the gather.
-        embs = distributed.all_gather_varlen(item_embs.reshape(-1, item_embs.shape[-1]), grad=True)
-        slots = distributed.all_gather_varlen(items.reshape(-1))
-        gathered = {"cand_embs": torch.cat(embs), "cand_items": torch.cat(slots),
-                    "cand_offset": sum(len(s) for s in slots[:distributed.rank()])}
-    total = next_item_loss(states, item_embs, items, out.log_pop, reduction="sum", **gathered)
-    positions = distributed.all_reduce_sum((items[:, :-1] != 0).sum()).clamp(min=1)
+    if negatives == "in_batch":
+        gathered = {}
+        if out.gather_negatives:
+            # Every rank's slots, in rank order (= the global batch's order); the gradient that this rank's
+            # positions send to other ranks' item vectors flows back to them through the gather.
+            embs = distributed.all_gather_varlen(item_embs.reshape(-1, item_embs.shape[-1]), grad=True)
+            slots = distributed.all_gather_varlen(items.reshape(-1))
+            gathered = {"cand_embs": torch.cat(embs), "cand_items": torch.cat(slots),
+                        "cand_offset": sum(len(s) for s in slots[:distributed.rank()])}
+        total = next_item_loss(states, item_embs, items, out.log_pop, reduction="sum", **gathered)
+    elif negatives == "catalogue":
+        total = catalogue_next_item_loss(states, items, out.item_vectors(None).float(), reduction="sum")
+    else:  # sampled: the same negatives on every rank (drawn from the rank-free step seed)
+        cfg = out.config.rec
+        generator = torch.Generator().manual_seed(out.step_seed)
+        negs = sample_negative_items(cfg.num_negatives, out.num_items, out.sample_log_q, generator)
+        total = sampled_next_item_loss(states, item_embs, items, out.item_vectors(negs).float(),
+                                       negs.to(items.device), out.sample_log_q, reduction="sum")
+    positions = (items[:, :-1] != 0).sum()
+    if world > 1:
+        positions = distributed.all_reduce_sum(positions)
     # DDP averages gradients over the N ranks, so N * (this rank's sum) / (all positions) makes that average
     # the gradient of the mean over every position of the global batch, which one process computes.
-    return total * world / positions
+    return total * world / positions.clamp(min=1)
 
 
-OBJECTIVE = Objective("rec", rec_term)
+OBJECTIVE = Objective("rec", rec_term, section="rec")

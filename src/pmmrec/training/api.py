@@ -26,6 +26,7 @@ from pmmrec.models.pmmrec import PMMRec
 from pmmrec.objectives import log_popularity
 from pmmrec.runtime import distributed
 from pmmrec.runtime.device import resolve_device, seed_everything
+from pmmrec.training.objective import TrainingObjective
 from pmmrec.training.run_dir import RunDir
 from pmmrec.training.trainer import Trainer
 from pmmrec.training.transfer import init_from, transfer_config
@@ -65,12 +66,14 @@ def build_trainer(config: Config, split: SplitData | None = None, views: list[Do
         cache_frozen_features(model.item_encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
                               prefixes=config.train.feature_cache, progress=distributed.is_main())
     valid, test = eval_splits(split, config.data.max_seq_len)
-    batches = TrainBatches(TrainWindows(split.train, config.data.max_seq_len), store,
+    windows = TrainWindows(split.train, config.data.max_seq_len, config.train.windows, config.seed)
+    batches = TrainBatches(windows, store,
                            batch_size=config.train.batch_size, seed=config.seed, views=views, mix=config.data.mix,
                            num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     evaluator = SplitEvaluator(store, split.num_items, valid, test, config.eval, device, views)
     log_pop = log_popularity(split.train_counts).to(device) if config.objectives.logq else None
-    return Trainer(config, model, batches, evaluator, run, split.item_ids, device, log_pop,
+    objective = TrainingObjective(model, config, log_pop, None, store, split.train_counts)
+    return Trainer(config, model, batches, evaluator, run, split.item_ids, device, objective,
                    transfer_report=report.to_dict() if report is not None else None)
 
 

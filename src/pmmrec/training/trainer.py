@@ -59,7 +59,7 @@ class Trainer:
     """Fits ``model`` on ``batches``, evaluating with ``evaluator``, and writes the run folder ``run``."""
 
     def __init__(self, config: Config, model: PMMRec, batches: TrainBatches, evaluator: SplitEvaluator,
-                 run: RunDir, item_ids: list[str], device: torch.device, log_pop: torch.Tensor | None = None,
+                 run: RunDir, item_ids: list[str], device: torch.device, objective: TrainingObjective,
                  transfer_report: dict | None = None):
         """``transfer_report``: what a transfer loaded into ``model`` (written to the run's transfer.json)."""
         self.config, self.model, self.batches, self.evaluator, self.run = config, model, batches, evaluator, run
@@ -77,7 +77,8 @@ class Trainer:
             log.warning("train.amp=bf16 but this GPU has no bfloat16: using float16 with a gradient scaler")
             amp_dtype = torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        self.objective = TrainingObjective(model, config, log_pop, amp_dtype)
+        objective.amp_dtype = amp_dtype
+        self.objective = objective
         # Every trainable parameter is used by every step (heads exist only for the objectives in use), so DDP
         # needs no unused-parameter search.
         self.forward = self.objective
@@ -98,9 +99,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- step
     def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted sum of the objectives (under torchrun, this rank's share) and each term for the logs."""
-        noise_seed = (self.config.seed * 1_000_003 + self.epoch * 100_003 + self.batch_in_epoch
-                      + 7919 * self.rank)  # corruption of L_NID/L_RCL: identical after a resume
-        parts = self.forward(batch, noise_seed)
+        # Seeds of the step's draws (a resume redraws them identically): the corruption of L_NID/L_RCL per rank,
+        # sampled negatives shared by every rank.
+        step_seed = self.config.seed * 1_000_003 + self.epoch * 100_003 + self.batch_in_epoch
+        parts = self.forward(batch, step_seed + 7919 * self.rank, step_seed)
         return self.objective.total(parts), self.objective.logged(parts)
 
     def train_step(self, batch: SequenceBatch, update: bool = True) -> tuple[float, dict[str, float]]:
@@ -224,7 +226,8 @@ class Trainer:
         results = {"valid": self.evaluator.evaluate(self.model, "valid", item_vecs),
                    "test": self.evaluator.evaluate(self.model, "test", item_vecs), "best_step": self.best_update,
                    "steps": self.update, "epochs": self.epoch, "num_items": len(self.item_ids),
-                   "num_users": len(self.batches.windows)}
+                   "num_users": len(self.evaluator.sequences["test"]), "num_windows": len(self.batches.windows),
+                   "data": {"history": self.config.data.history, "windows": self.config.train.windows}}
         results["eval_seconds"] = round(time.perf_counter() - started, 3)
         if self.evaluator.views is not None:
             per_domain = self.evaluator.per_domain

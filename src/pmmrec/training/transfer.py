@@ -65,6 +65,8 @@ def load_parts(model: PMMRec, state: dict[str, torch.Tensor], parts: str) -> Tra
             continue
         if not name.startswith(prefixes):
             report.skipped[name] = "part not transferred"
+        elif name.startswith("item_encoder.id_embedding."):
+            report.skipped[name] = "item IDs belong to the source catalogue (content+id transfers its content part)"
         elif name not in own:
             report.skipped[name] = "not in this model (e.g. a modality it does not use)"
         elif own[name].shape != tensor.shape:

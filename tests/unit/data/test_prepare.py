@@ -96,6 +96,37 @@ def test_ties_keep_file_order_and_duplicates_are_dropped(tmp_path, movies):
     assert report.dropped["duplicate_interactions"] == 2
 
 
+def test_iso_dates_datetimes_and_millisecond_epochs(tmp_path, movies):
+    # A retail log's dates, datetimes with and without zones (naive = UTC), and epochs in ms mixed with them.
+    rows = [(1, 3, 5, "2018-09-21"), (1, 1, 5, "2018-09-20T23:30:00-02:00"), (1, 2, 5, "2018-09-20"),
+            (2, 4, 5, "2018-09-20T10:00:00Z"), (2, 1, 5, 1537437600000), (2, 2, 5, "2018-09-20T11:00:00")]
+    # user 1: 09-20 00:00 (2), 09-21 00:00 (3), 09-21 01:30 UTC (1); user 2: 1537437600000 ms = 09-20 10:00 UTC
+    # ties with item 4 and keeps file order after it, then 11:00 (2).
+    report, out = _prepare(tmp_path, rows, movies)
+    assert _users(out) == {"1": ["2", "3", "1"], "2": ["4", "1", "2"]}
+    assert report.settings["columns"]["time_format"] == "iso-8601 + numeric (ms)"
+    only_dates = [(1, 2, 5, "2018-09-21"), (1, 1, 5, "2018-09-20")]
+    report, out = _prepare(tmp_path, only_dates, movies, out=tmp_path / "dates")
+    assert _users(out) == {"1": ["1", "2"]} and report.settings["columns"]["time_format"] == "iso-8601"
+    ms = [(1, 2, 5, 1537437600001), (1, 1, 5, 1537437600000)]
+    report, out = _prepare(tmp_path, ms, movies, out=tmp_path / "ms")
+    assert _users(out) == {"1": ["1", "2"]} and report.settings["columns"]["time_format"] == "numeric (ms)"
+
+
+def test_time_unit_given_for_a_mixed_column(tmp_path, movies):
+    from pmmrec.data.tables import PrepareColumns
+
+    # 1537437600 is 2018-09-20 10:00 UTC in seconds, but 1970-01-18 19:03 in milliseconds: the unit decides
+    # whether it comes before or after 1970-01-19.
+    rows = [(1, 1, 5, "1970-01-19"), (1, 2, 5, 1537437600)]
+    _, out = _prepare(tmp_path, rows, movies, columns=PrepareColumns(time_unit="s"))
+    assert _users(out) == {"1": ["1", "2"]}
+    _, out = _prepare(tmp_path, rows, movies, columns=PrepareColumns(time_unit="ms"), out=tmp_path / "ms")
+    assert _users(out) == {"1": ["2", "1"]}
+    _, out = _prepare(tmp_path, rows, movies, out=tmp_path / "auto")  # auto: below 1e11, so seconds
+    assert _users(out) == {"1": ["1", "2"]}
+
+
 def test_unknown_items_are_dropped_and_named(tmp_path, movies):
     rows = [(1, 1, 5, 1), (1, 99, 5, 2), (1, 2, 5, 3), (2, 99, 1, 1), (2, 77, 1, 2)]
     report, out = _prepare(tmp_path, rows, movies)
@@ -172,7 +203,8 @@ def test_parquet_null_timestamp_is_named(tmp_path, movies):
 
 @pytest.mark.parametrize(("body", "line", "column", "match"), [
     ("1,1,5,100\n1,2,5,\n", 3, "timestamp", "empty timestamp"),
-    ("1,1,5,100\n1,2,5,yesterday\n", 3, "timestamp", "not a number"),
+    ("1,1,5,100\n1,2,5,yesterday\n", 3, "timestamp", "neither a number .* nor an ISO-8601 date"),
+    ("1,1,5,2018-09-20\n1,2,5,2018-13-01\n", 3, "timestamp", "neither a number"),
     ("1,1,5,100\n1,2,5,nan\n", 3, "timestamp", "not finite"),
     ("1,1,5,100\n1,2,100\n", 3, None, "expected 4 fields"),
     ("1,1,5,100\nbad user,2,5,100\n", 3, "user_id", "whitespace"),

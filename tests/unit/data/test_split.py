@@ -1,4 +1,4 @@
-"""Leave-one-out as the reference code does it, and namespaced merging of domains."""
+"""Leave-one-out with whole histories and with the reference code's cut, and namespaced merging of domains."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_hand_example():
     d = _domain([[1, 2, 3, 4, 5, 6],  # u0: cut to b c d e f; "a" falls off
                  [7, 1],  # u1: shorter than 3, dropped (so g and a never occur)
                  [6, 2, 3]], 7)  # u2
-    s = leave_one_out(d, max_seq_len=2, min_seq_len=3)
+    s = leave_one_out(d, max_seq_len=2, min_seq_len=3, history="reference")
     assert s.item_ids == ["b", "c", "d", "e", "f"]  # renumbered 1..5 in the original order
     assert s.titles == ["title b", "title c", "title d", "title e", "title f"]
     assert s.item_index.tolist() == [0, 2, 3, 4, 5, 6]
@@ -60,14 +60,14 @@ def test_split_of_a_real_folder(tiny_domain):
 @settings(max_examples=200, deadline=None)
 @given(seqs=st.lists(st.lists(st.integers(1, 12), max_size=30), min_size=1, max_size=8),
        max_seq_len=st.integers(1, 8), min_seq_len=st.integers(3, 6))
-def test_properties(seqs, max_seq_len, min_seq_len):
+def test_reference_cut_properties(seqs, max_seq_len, min_seq_len):
     d = _domain(seqs, 12)
     kept = [s for s in seqs if len(s) >= min_seq_len]
     if not kept:
         with pytest.raises(DataError):
-            leave_one_out(d, max_seq_len, min_seq_len)
+            leave_one_out(d, max_seq_len, min_seq_len, "reference")
         return
-    s = leave_one_out(d, max_seq_len, min_seq_len)
+    s = leave_one_out(d, max_seq_len, min_seq_len, "reference")
     assert s.num_dropped_users == len(seqs) - len(kept)
     old = s.item_index
     assert old[0] == 0 and np.all(np.diff(old) > 0)  # original order kept
@@ -98,9 +98,10 @@ def test_merge_namespaces_ids_and_keeps_image_sources(tmp_path):
     assert m.image_sources == [(tmp_path / "books.lmdb", k) for k in "abc"] + [(None, k) for k in "abc"]
     assert m.name == "books+films" and merge_domains([a], name="x").name == "x"
     # A merged catalogue splits like any other, and its image sources follow the renumbering.
-    s = leave_one_out(m)
+    s = leave_one_out(m, history="reference")
     assert s.image_sources[s.item_ids.index("films/b")] == (None, "b")
     assert "films/c" not in s.item_ids  # only in a sequence too short to keep
+    assert "films/c" in leave_one_out(m).item_ids  # whole histories: every item of the domains is ranked
 
 
 def test_merge_refuses_colliding_names():
@@ -125,3 +126,34 @@ def test_merged_images_are_checked_per_source(tiny_domain, tmp_path):
     with pytest.raises(DataError, match="7 item"):
         check_images(m, "error")
     assert isinstance(m.image_sources[0][0], Path)
+
+
+def test_whole_histories_hand_example():
+    # The hand example above, with history=all: nothing is cut and every item of the domain stays.
+    d = _domain([[1, 2, 3, 4, 5, 6], [7, 1], [6, 2, 3]], 7)
+    s = leave_one_out(d, max_seq_len=2, min_seq_len=3)
+    assert s.item_ids == list("abcdefg") and s.item_index.tolist() == list(range(8))  # g occurs in no kept user
+    assert [t.tolist() for t in s.train] == [[1, 2, 3, 4], [6]]
+    assert [v.tolist() for v in s.valid] == [[3, 4, 5], [6, 2]]  # the last L + 1 inputs, then the target
+    assert [t.tolist() for t in s.test] == [[4, 5, 6], [6, 2, 3]]
+    assert s.train_counts.tolist() == [0, 1, 1, 1, 1, 0, 1, 0]
+    with pytest.raises(ConfigError, match=r"data.history must be one of \['all', 'reference'\], got 'cut'"):
+        leave_one_out(d, history="cut")
+
+
+@settings(max_examples=200, deadline=None)
+@given(seqs=st.lists(st.lists(st.integers(1, 12), max_size=30), min_size=1, max_size=8),
+       max_seq_len=st.integers(1, 8), min_seq_len=st.integers(3, 6))
+def test_whole_history_properties(seqs, max_seq_len, min_seq_len):
+    d = _domain(seqs, 12)
+    kept = [s for s in seqs if len(s) >= min_seq_len]
+    if not kept:
+        with pytest.raises(DataError):
+            leave_one_out(d, max_seq_len, min_seq_len)
+        return
+    s = leave_one_out(d, max_seq_len, min_seq_len)
+    assert s.num_items == 12 and s.item_index.tolist() == list(range(13))
+    for seq, train, valid, test in zip(kept, s.train, s.valid, s.test, strict=True):
+        assert train.tolist() == seq[:-2] and valid[-1] == seq[-2] and test[-1] == seq[-1]
+        assert test.tolist() == seq[-(max_seq_len + 1):]
+    assert s.train_counts.sum() == sum(len(seq) - 2 for seq in kept)
