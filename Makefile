@@ -2,12 +2,13 @@
 #   make demo   set up .venv (if absent), then synthesise the built-in world and run the demo
 #               (ARGS=--quick: a tiny world in about a minute; ARGS=--no-ablation: skip the two ablation pretrainings)
 #   make test   set up .venv (if absent), then run the test suite
+#   make ml1m   the MovieLens-1M table (scripts/ml1m_table.py; hours on CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean ml1m
 
 setup: $(STAMP)
 
@@ -26,8 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The README's MovieLens-1M table (hours on CPU; needs ../shared/datasets/movielens-1m). ARGS=--seeds 0 1 2 etc.
+ml1m: $(STAMP)
+	$(BIN)/python scripts/ml1m_table.py $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

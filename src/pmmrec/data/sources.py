@@ -57,12 +57,14 @@ def load_sources(config: Config) -> tuple[SplitData, list[DomainView]]:
     return split, views
 
 
-def load_split(config: Config) -> SplitData:
-    """Read, validate and split ``data.domain``."""
+def load_split(config: Config, images: bool | None = None) -> SplitData:
+    """Read, validate and split ``data.domain``; its images are checked when ``images`` (default: when the model
+    reads them)."""
+    images = config.model.uses_images if images is None else images
     if not config.data.domain:
         raise PmmrecError("no domain to train on: set data.domain=FOLDER (e.g. data.domain=data/world/target)")
     domain = read_domain(config.data.domain, empty_title=config.data.empty_title,
-                         missing_image=config.data.missing_image if config.model.uses_images else None)
+                         missing_image=config.data.missing_image if images else None)
     split = leave_one_out(domain, config.data.max_seq_len, config.data.min_seq_len, config.data.history)
     if not split.train:
         raise PmmrecError(f"{config.data.domain}: no user has {config.data.min_seq_len} or more interactions")

@@ -32,7 +32,7 @@ def run_most_popular(config: Config) -> dict:
     """``pmmrec baseline pop``: most-popular on ``data.domain``, evaluated like a model; writes ``run.dir``
     (``config.yaml`` and ``results.json``, so that ``pmmrec report`` shows it beside the models)."""
     started = time.perf_counter()
-    split = load_split(config)
+    split = load_split(config, images=False)  # popularity reads no image
     valid, test = eval_splits(split, config.data.max_seq_len)
     results = {"baseline": "most popular",
                "valid": most_popular(split.train_counts, valid, config.eval.ks),

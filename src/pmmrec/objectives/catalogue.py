@@ -25,13 +25,13 @@ MAX_BLOCK = 2**28  # float32 logits per block: 1 GiB
 
 def _block_loss(queries: Tensor, cand_embs: Tensor, windows: Tensor, targets: Tensor) -> Tensor:
     """Summed cross-entropy of ``queries`` (v, D) against every candidate (N+1, D), row 0 = padding."""
+    target_logit = (queries * cand_embs[targets]).sum(-1)  # (v,)
     logits = queries @ cand_embs.t()  # (v, N+1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (v,)
+    # In place (the matrix product keeps no output for backward): the window's items (the target among them) and
+    # padding leave the softmax; the target then joins the normaliser once.
     lowest = torch.finfo(logits.dtype).min
-    # The window's items (the target among them) and padding leave the softmax; the target returns once below.
-    masked = logits.scatter(1, windows, lowest)  # (v, N+1)
-    masked = masked.index_fill(1, torch.zeros(1, dtype=torch.long, device=logits.device), lowest)
-    lse = torch.logsumexp(torch.cat([masked, target_logit[:, None]], dim=1), dim=1)  # (v,)
+    logits.scatter_(1, torch.cat([windows, windows.new_zeros(len(windows), 1)], dim=1), lowest)
+    lse = torch.logaddexp(torch.logsumexp(logits, dim=1), target_logit)  # (v,)
     return (lse - target_logit).sum()
 
 
