@@ -46,24 +46,24 @@ def test_every_package_has_a_layer():
     assert tops <= set().union(*LAYERS), sorted(tops - set().union(*LAYERS))
 
 
-def test_no_module_imports_from_a_layer_above_it():
-    upward = []
+def _edges():
+    """(where, own package, imported package, module, names) of every pmmrec import in src/."""
     for path in SRC.rglob("*.py"):
-        own = _top(path)
-        for line, module, _ in _imports(path):
+        for line, module, names in _imports(path):
             target = module.split(".")[1] if "." in module else "__init__"
-            if _layer(target) > _layer(own):
-                upward.append(f"{path.relative_to(SRC)}:{line} imports {module}")
+            yield f"{path.relative_to(SRC)}:{line}", _top(path), target, module, names
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    upward = [f"{where} imports {module}" for where, own, target, module, _ in _edges()
+              if _layer(target) > _layer(own)]
     assert not upward, "\n".join(upward)
 
 
 def test_no_private_name_crosses_a_package_boundary():
     crossing = []
-    for path in SRC.rglob("*.py"):
-        own = _top(path)
-        for line, module, names in _imports(path):
-            target = module.split(".")[1] if "." in module else "__init__"
-            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-            if private and target != own:
-                crossing.append(f"{path.relative_to(SRC)}:{line} imports {private} from {module}")
+    for where, own, target, module, names in _edges():
+        private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+        if private and target != own:
+            crossing.append(f"{where} imports {private} from {module}")
     assert not crossing, "\n".join(crossing)
