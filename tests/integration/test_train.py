@@ -14,6 +14,7 @@ import yaml
 
 from pmmrec.cli import main
 from pmmrec.config import load_config
+from pmmrec.errors import PmmrecError
 from pmmrec.runtime.checkpoint import load_checkpoint
 from pmmrec.training.api import build_trainer, fit
 
@@ -171,3 +172,27 @@ def test_baselines_run_from_the_command_line_and_report_beside_models(quick_worl
     assert main(["report", str(tmp_path / "pop"), str(tmp_path / "ids"), "--baseline", str(tmp_path / "pop")]) == 0
     table = capsys.readouterr().out
     assert "pop (most popular)" in table and "ids (IDs, scratch)" in table
+
+
+def test_real_data_options_bad_input(quick_world, tmp_path, tiny_domain, capsys):
+    domain = f"data.domain={quick_world / 'target'}"
+    # sampled negatives: more than the catalogue holds is a clear error, before any training.
+    with pytest.raises(PmmrecError, match=r"objectives.rec.num_negatives=500 is larger than the catalogue \(96 items\)"):
+        build_trainer(load_config(TINY, [domain, f"run.dir={tmp_path / 'k'}", "objectives.rec.negatives=sampled",
+                                         "objectives.rec.num_negatives=500"]))
+    # Unknown choices name the key and the choices.
+    for key, value in (("data.history", "cut"), ("train.windows", "every"), ("objectives.rec.negatives", "full")):
+        with pytest.raises(PmmrecError, match=f"'{key}' must be one of"):
+            load_config(TINY, [f"{key}={value}"])
+    # A domain too small for max_seq_len trains, left-padded.
+    results = fit(load_config(TINY, [f"data.domain={tiny_domain}", f"run.dir={tmp_path / 'small'}",
+                                     "data.max_seq_len=50", "data.missing_image=blank", "train.max_steps=2",
+                                     "objectives.rec.negatives=catalogue"]))
+    assert results["steps"] == 2 and results["data"] == {"history": "all", "windows": "all"}
+    # Resuming with another history or windows mode is refused, naming both values.
+    args = ["train", "-c", str(TINY), domain, f"run.dir={tmp_path / 'r'}", "train.max_steps=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "train.windows=last", "data.history=reference", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.windows: 'all' (saved), now 'last'" in err and "data.history: 'all' (saved), now 'reference'" in err
