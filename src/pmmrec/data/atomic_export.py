@@ -31,6 +31,9 @@ from pmmrec.utils.io import atomic_dir
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+# Cells that pandas (RecBole's reader) turns into missing values by default: such ids would be silently lost.
+PANDAS_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                            "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 
@@ -69,10 +72,15 @@ def export_atomic(domain_dir: str | os.PathLike, out: str | os.PathLike, *, name
         raise PmmrecError(f"--out {out} contains the domain {domain_dir}; choose another output folder")
     domain = read_domain(domain_dir, empty_title="blank")
     split = leave_one_out(domain, max_seq_len, min_seq_len, history)
-    bad = next((u for u in split.user_ids if u.split() != [u]), None)
-    if bad is not None:
-        raise DataError(f"user id {bad!r} contains whitespace, which a RecBole token cannot hold",
-                        domain.path, field="user_id")
+    for field, values in (("user_id", split.user_ids), ("item_id", split.item_ids)):
+        for value in values:
+            if value.split() != [value]:
+                raise DataError(f"{field.split('_')[0]} id {value!r} contains whitespace, which a RecBole token "
+                                "cannot hold", domain.path, field=field)
+            if value in PANDAS_MISSING or '"' in value:
+                raise DataError(f"{field.split('_')[0]} id {value!r} would not survive RecBole's reader (pandas "
+                                "reads it as a missing value or a quote); rename it before exporting",
+                                domain.path, field=field)
     ids = np.asarray(["", *split.item_ids], dtype=object)  # item number k -> raw id (0: padding)
     rows = {"train": 0, "valid": 0, "test": 0}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -89,7 +97,7 @@ def export_atomic(domain_dir: str | os.PathLike, out: str | os.PathLike, *, name
                     handles[which].write(f"{user}\t{' '.join(ids[seq[:-1]])}\t{ids[seq[-1]]}\n")
                     rows[which] += 1
         stored = _export_items(tmp, name, split, images)
-        manifest = _manifest(tmp, name, domain_dir, split, max_seq_len, min_seq_len, rows)
+        manifest = _manifest(tmp, name, domain_dir, split, max_seq_len, min_seq_len, rows, history)
         (tmp / f"{name}.split.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / f"{name}.yaml").write_text(_recbole_config(max_seq_len, images), encoding="utf-8")
     report = AtomicExportReport(str(out), name, split.num_users, split.num_items, rows, split.num_dropped_users,
@@ -127,7 +135,10 @@ def _export_items(folder: Path, name: str, split: SplitData, images: bool) -> in
     with open(folder / f"{name}.item", "w", encoding="utf-8") as f:
         f.write("item_id:token\ttitle:token_seq" + ("\timage:token\n" if images else "\n"))
         for k, (iid, title) in enumerate(zip(split.item_ids, split.titles, strict=True)):
-            f.write(f"{iid}\t{' '.join(title.split())}" + (f"\t{paths[k]}\n" if images else "\n"))
+            # RecBole reads these files with pandas, for which a field starting with '"' is quoted: a title
+            # like "Great Performances" Cats (1998) would break the file, so double quotes become single ones.
+            title = " ".join(title.split()).replace('"', "'")
+            f.write(f"{iid}\t{title}" + (f"\t{paths[k]}\n" if images else "\n"))
     return stored
 
 
@@ -140,19 +151,20 @@ def _extension(data: bytes) -> str:
 
 
 def _manifest(folder: Path, name: str, domain_dir: str | os.PathLike, split: SplitData, max_seq_len: int, min_seq_len: int,
-              rows: dict[str, int]) -> dict:
+              rows: dict[str, int], history: str = "all") -> dict:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return {
         "format": "pmmrec-atomic-split", "version": 1, "pmmrec_version": __version__,
         "source_domain": str(domain_dir), "name": name,
         "split": {"method": "leave-one-out (pmmrec.data.split.leave_one_out)", "max_seq_len": max_seq_len,
-                  "min_seq_len": min_seq_len, "kept_per_user": max_seq_len + 3},
+                  "min_seq_len": min_seq_len, "history": history,
+                  "kept_per_user": max_seq_len + 3 if history == "reference" else "all"},
         "users": split.num_users, "items": split.num_items, "dropped_users": split.num_dropped_users,
         "rows": rows,
         "targets": {"train": "every item of seq[:-2] after the first", "valid": "seq[-2]", "test": "seq[-1]"},
         "protocols": {"include_history": "what RecBole's full-sort evaluation of sequential models computes",
-                      "exclude_history": "pmmrec's paper protocol: items earlier in the user's kept window are "
-                                         "removed from the ranking"},
+                      "exclude_history": "pmmrec's paper protocol: every item the user interacted with before the "
+                                         "target (in the kept history) is removed from the ranking"},
         "files": {p.name: sha256_file(p) for p in files},
     }
 
@@ -161,7 +173,9 @@ def _recbole_config(max_seq_len: int, images: bool) -> str:
     config = {
         "benchmark_filename": list(SPLITS),
         "alias_of_item_id": ["item_id_list"],
-        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
+        # The .item file too, so RecBole ranks every item pmmrec ranks (with data.history: all, items seen only by
+        # dropped short users are in the catalogue but in no .inter row).
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"], "item": ["item_id"]},
         "MAX_ITEM_LIST_LENGTH": max_seq_len,
         "eval_args": {"order": "TO", "mode": "full"},
         "train_neg_sample_args": None,

@@ -196,6 +196,29 @@ def test_export_refuses_whitespace_in_user_ids(tmp_path):
         export_atomic(tmp_path / "d", tmp_path / "out")
 
 
+@pytest.mark.parametrize(("items", "users", "match"), [
+    (["a", "NA", "c"], ["u1"], "item id 'NA' would not survive RecBole's reader"),
+    (["a", "b", "c"], ["null"], "user id 'null' would not survive"),
+    (["a", '"b', "c"], ["u1"], "item id '\"b' would not survive"),
+])
+def test_export_refuses_ids_pandas_would_mangle(tmp_path, items, users, match):
+    write_domain_tables(tmp_path / "d", items, ["A", "B", "C"], users, [items])
+    with pytest.raises(DataError, match=match):
+        export_atomic(tmp_path / "d", tmp_path / "out")
+
+
+def test_export_keeps_titles_readable_and_the_whole_catalogue(tmp_path):
+    # A title opening with a double quote would break pandas' reader; item "d" is seen by nobody kept.
+    write_domain_tables(tmp_path / "d", ["a", "b", "c", "d"], ['"Great Performances" Cats (1998)', "B", "C", "D"],
+                        ["u1", "u2"], [["a", "b", "c"], ["d"]])
+    export_atomic(tmp_path / "d", tmp_path / "out", name="d")
+    lines = (tmp_path / "out" / "d.item").read_text().splitlines()
+    assert lines[1] == "a\t'Great Performances' Cats (1998)" and len(lines) == 5  # header + a, b, c, d
+    config = yaml.safe_load((tmp_path / "out" / "d.yaml").read_text())
+    assert config["load_col"]["item"] == ["item_id"]  # RecBole ranks d too, as pmmrec does
+    assert json.loads((tmp_path / "out" / "d.split.json").read_text())["split"]["history"] == "all"
+
+
 def test_edited_exports_are_reported(shop, tmp_path):
     export_atomic(shop, tmp_path / "e", max_seq_len=L)
     path = tmp_path / "e" / "e.test.inter"
