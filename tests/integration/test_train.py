@@ -165,6 +165,7 @@ def test_baselines_run_from_the_command_line_and_report_beside_models(quick_worl
     pop = json.loads((tmp_path / "pop" / "results.json").read_text())
     assert pop["baseline"] == "most popular" and pop["num_items"] == 96 and pop["data"]["history"] == "all"
     assert 0 < pop["test"]["exclude_history"]["NDCG@10"] < 1
+    assert main(["baseline", "pop", "-c", str(TINY), domain, f"run.dir={tmp_path / 'pop'}"]) == 2  # not over a run
     assert main(["baseline", "sasrec", "-c", str(TINY), domain, f"run.dir={tmp_path / 'ids'}",
                  "train.max_steps=2"]) == 0
     assert yaml.safe_load((tmp_path / "ids" / "config.yaml").read_text())["model"]["item_tower"] == "id"

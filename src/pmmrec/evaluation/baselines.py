@@ -16,6 +16,7 @@ import torch
 from pmmrec.config import Config, dump_config
 from pmmrec.data.datasets import EvalSequences
 from pmmrec.data.sources import eval_splits, load_split
+from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.ranking import evaluate_rankings
 from pmmrec.utils.io import atomic_write_text
 
@@ -31,6 +32,9 @@ def most_popular(train_counts: np.ndarray, sequences: EvalSequences, ks: list[in
 def run_most_popular(config: Config) -> dict:
     """``pmmrec baseline pop``: most-popular on ``data.domain``, evaluated like a model; writes ``run.dir``
     (``config.yaml`` and ``results.json``, so that ``pmmrec report`` shows it beside the models)."""
+    run = Path(config.run.dir)
+    if (run / "results.json").is_file():
+        raise PmmrecError(f"run.dir {run} already holds a run; set another run.dir (or delete that folder)")
     started = time.perf_counter()
     split = load_split(config, images=False)  # popularity reads no image
     valid, test = eval_splits(split, config.data.max_seq_len)
@@ -40,7 +44,6 @@ def run_most_popular(config: Config) -> dict:
                "num_items": split.num_items, "num_users": split.num_users,
                "data": {"history": config.data.history}}
     results["seconds"] = round(time.perf_counter() - started, 3)
-    run = Path(config.run.dir)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(config, run / "config.yaml")
     atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
