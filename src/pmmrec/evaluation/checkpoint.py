@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from pmmrec.data.sources import eval_splits, load_split
 from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.evaluator import SplitEvaluator
-from pmmrec.models.features import build_feature_store, cache_frozen_features
+from pmmrec.models.features import run_feature_store
 from pmmrec.models.loading import id_rows, load_model
 from pmmrec.runtime import distributed
 from pmmrec.runtime.device import resolve_device
@@ -30,12 +29,8 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (),
         model.to(device)
         # The frozen encoder parts run through the feature cache, as in training, so a checkpoint evaluates to
         # the numbers its run reported.
-        cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else Path(config.run.dir) / "cache"
-        with distributed.main_first():
-            store = build_feature_store(config, model.item_encoder, split.titles, split.image_sources,
-                                        cache_dir=cache_dir, id_rows=id_rows(loaded.item_ids, split.item_ids))
-            cache_frozen_features(model.item_encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
-                                  prefixes=config.train.feature_cache, progress=distributed.is_main())
+        store = run_feature_store(config, model.item_encoder, split.titles, split.image_sources, device,
+                                  id_rows(loaded.item_ids, split.item_ids))
         valid, test = eval_splits(split, config.data.max_seq_len)
         evaluator = SplitEvaluator(store, split.num_items, valid, test, config.eval, device)
         item_vecs = evaluator.catalogue(model)  # encoded once, shared by the splits

@@ -41,6 +41,7 @@ from pmmrec.config import Config
 from pmmrec.data.item_features import ImageRef, ItemFeatureStore
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.pretrained import tokenizer_dir
+from pmmrec.runtime import distributed
 from pmmrec.runtime.feature_files import CacheJob, fill, tensors_fingerprint
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ def build_feature_store(config: Config, encoder: ItemEncoder, titles: Sequence[s
         preprocessor=encoder.vision.preprocessor() if encoder.uses_vision else None,
         missing_image=config.data.missing_image, cache_dir=cache_dir, image_cache_items=image_cache_items)
     store.id_rows = id_rows
+    return store
+
+
+def run_feature_store(config: Config, encoder: ItemEncoder, titles: Sequence[str],
+                      image_refs: Sequence[ImageRef] | None, device: torch.device,
+                      id_rows: np.ndarray | None = None) -> ItemFeatureStore | None:
+    """A run's feature store with its frozen encoder outputs attached (training and ``pmmrec evaluate``).
+
+    Features are cached in ``train.cache_dir`` (default ``<run.dir>/cache``); under torchrun rank 0 computes and
+    stores them first, then the other ranks read them.
+    """
+    cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else Path(config.run.dir) / "cache"
+    with distributed.main_first():
+        store = build_feature_store(config, encoder, titles, image_refs, cache_dir=cache_dir, id_rows=id_rows)
+        cache_frozen_features(encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
+                              prefixes=config.train.feature_cache, progress=distributed.is_main())
     return store
 
 

@@ -11,7 +11,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from pmmrec.config import Config
 from pmmrec.data.datasets import TrainWindows
@@ -20,12 +19,12 @@ from pmmrec.data.sources import DomainView, eval_splits, load_sources, load_spli
 from pmmrec.data.split import SplitData
 from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.evaluator import SplitEvaluator
-from pmmrec.models.features import build_feature_store, cache_frozen_features
+from pmmrec.models.features import run_feature_store
 from pmmrec.models.loading import read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.objectives import log_popularity
 from pmmrec.runtime import distributed
-from pmmrec.runtime.device import resolve_device, seed_everything
+from pmmrec.runtime.device import autocast_dtype, resolve_device, seed_everything
 from pmmrec.training.objective import TrainingObjective
 from pmmrec.training.run_dir import RunDir
 from pmmrec.training.trainer import Trainer
@@ -58,13 +57,7 @@ def build_trainer(config: Config, split: SplitData | None = None, views: list[Do
     model = PMMRec(config, len(split.item_ids))
     report = init_from(model, init, config.transfer.parts) if init is not None else None
     model.to(device)
-    run = RunDir(config.run.dir)
-    cache_dir = Path(config.train.cache_dir) if config.train.cache_dir else run.path / "cache"
-    with distributed.main_first():  # rank 0 computes and stores the caches; the others then read them
-        store = build_feature_store(config, model.item_encoder, split.titles, split.image_sources,
-                                    cache_dir=cache_dir)
-        cache_frozen_features(model.item_encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
-                              prefixes=config.train.feature_cache, progress=distributed.is_main())
+    store = run_feature_store(config, model.item_encoder, split.titles, split.image_sources, device)
     valid, test = eval_splits(split, config.data.max_seq_len)
     windows = TrainWindows(split.train, config.data.max_seq_len, config.train.windows, config.seed)
     batches = TrainBatches(windows, store,
@@ -72,8 +65,9 @@ def build_trainer(config: Config, split: SplitData | None = None, views: list[Do
                            num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     evaluator = SplitEvaluator(store, split.num_items, valid, test, config.eval, device, views)
     log_pop = log_popularity(split.train_counts).to(device) if config.objectives.logq else None
-    objective = TrainingObjective(model, config, log_pop, None, store, split.train_counts)
-    return Trainer(config, model, batches, evaluator, run, split.item_ids, device, objective,
+    objective = TrainingObjective(model, config, log_pop, autocast_dtype(device, config.train.amp), store,
+                                  split.train_counts)
+    return Trainer(config, model, batches, evaluator, RunDir(config.run.dir), split.item_ids, device, objective,
                    transfer_report=report.to_dict() if report is not None else None)
 
 

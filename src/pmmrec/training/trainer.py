@@ -71,13 +71,7 @@ class Trainer:
         self.total_updates = cfg.max_steps or math.ceil(self.steps_per_epoch / cfg.grad_accum) * cfg.epochs
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_updates)
-        use_amp = device.type == "cuda" and cfg.amp != "off"
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if use_amp else None
-        if amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            log.warning("train.amp=bf16 but this GPU has no bfloat16: using float16 with a gradient scaler")
-            amp_dtype = torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        objective.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=objective.amp_dtype == torch.float16)
         self.objective = objective
         # Every trainable parameter is used by every step (heads exist only for the objectives in use), so DDP
         # needs no unused-parameter search.
