@@ -224,6 +224,9 @@ class ItemFeatureStore:
         self.text_states: torch.Tensor | None = None  # (N+1, T_max, H) float16
         self.image_states: torch.Tensor | None = None  # (N+1, P, H) float16
         self.has_image: torch.Tensor | None = None  # (N+1,) bool, kept with image_states
+        # True when text_states holds one pooled vector per item, (N+1, 1, H) float32 (see
+        # pmmrec.models.features.pool_frozen_states): lookups then give a one-token mask.
+        self.text_pooled = False
         # (N+1,) each item's row in the model's ID table (0 = no ID), for an ID-bearing model serving a catalogue
         # other than the one it trained on; None = the item numbers themselves.
         self.id_rows: np.ndarray | None = None
@@ -257,7 +260,9 @@ class ItemFeatureStore:
             raise IndexError(f"item numbers must be in [0, {self.num_items}]")
         index = torch.from_numpy(items_np)
         out = ItemInputs(items=index if self.id_rows is None else torch.from_numpy(self.id_rows[items_np]))
-        if self.text_states is not None:
+        if self.text_states is not None and self.text_pooled:
+            out.text_states, out.text_mask = self.text_states[index], torch.ones(len(index), 1, dtype=torch.long)
+        elif self.text_states is not None:
             width = max(int(self.tokens.lengths[items_np].max(initial=0)), 1)
             out.text_mask = self.tokens.lookup(items_np)[1]
             out.text_states = self.text_states[index, :width]

@@ -40,6 +40,7 @@ from torch import nn
 from pmmrec.config import Config
 from pmmrec.data.item_features import ImageRef, ItemFeatureStore
 from pmmrec.models.item_encoder import ItemEncoder
+from pmmrec.models.layers import masked_mean
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.runtime import distributed
 from pmmrec.runtime.feature_files import CacheJob, fill, tensors_fingerprint
@@ -81,7 +82,35 @@ def run_feature_store(config: Config, encoder: ItemEncoder, titles: Sequence[str
         store = build_feature_store(config, encoder, titles, image_refs, cache_dir=cache_dir, id_rows=id_rows)
         cache_frozen_features(encoder, store, device, config.eval.batch_size, cache_dir=cache_dir,
                               prefixes=config.train.feature_cache, progress=distributed.is_main())
+    pool_frozen_states(encoder, store)
     return store
+
+
+def pool_frozen_states(encoder: ItemEncoder, store: ItemFeatureStore | None, chunk: int = 4096) -> list[str]:
+    """Average the cached token states of fully frozen encoders once, when the fusion pools them anyway.
+
+    With ``pools_first`` (every fusion but the token-level ones) and an encoder with no trainable block, each step
+    would gather T (text) or P (image) cached states per item only to average them before the projection: on
+    MovieLens-1M's catalogue that is ~0.5 GB gathered per step. The average is taken here instead, with the same
+    masked mean, and the store keeps one (1, H) float32 vector per item. Returns the modalities pooled.
+    """
+    if store is None or not encoder.pools_first:
+        return []
+    pooled = []
+    if store.text_states is not None and not store.text_pooled and encoder.text.trainable_layers == 0:
+        rows = []
+        for start in range(0, len(store.text_states), chunk):
+            items = np.arange(start, min(start + chunk, len(store.text_states)))
+            mask = store.tokens.lookup(items)[1]  # (b, width)
+            rows.append(masked_mean(store.text_states[start:start + len(items), :mask.shape[1]].float(), mask))
+        store.text_states, store.text_pooled = torch.cat(rows)[:, None], True  # (N+1, 1, H)
+        pooled.append("text")
+    if store.image_states is not None and store.image_states.dim() == 3 and store.image_states.shape[1] > 1 \
+            and encoder.vision.trainable_layers == 0:
+        store.image_states = torch.cat([part.float().mean(dim=1, keepdim=True)
+                                        for part in store.image_states.split(chunk)])  # (N+1, 1, H)
+        pooled.append("vision")
+    return pooled
 
 
 def frozen_weights_digest(model: nn.Module, trainable: Iterable[nn.Module]) -> str:

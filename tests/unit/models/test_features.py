@@ -7,7 +7,7 @@ import torch
 from pmmrec.config import load_config
 from pmmrec.data.domain import read_domain
 from pmmrec.data.item_features import ItemFeatureStore
-from pmmrec.models.features import cache_frozen_features
+from pmmrec.models.features import cache_frozen_features, pool_frozen_states
 from pmmrec.models.item_encoder import ItemEncoder
 from pmmrec.pretrained import tokenizer_dir
 
@@ -41,6 +41,45 @@ def test_cached_features_match_the_live_forward(tiny_domain, fusion):
     with torch.no_grad():
         cached = encoder(inputs)
     assert torch.allclose(live, cached, atol=2e-2, rtol=1e-2), (live - cached).abs().max()
+
+
+@pytest.mark.parametrize("modality", ["multimodal", "text", "vision"])
+def test_pooled_frozen_states_give_the_same_item_vectors_and_gradients(tiny_domain, modality):
+    encoder, store = _setup(tiny_domain, "text.trainable_layers=0", "vision.trainable_layers=0", "model.fusion=sum",
+                            f"model.modality={modality}")
+    cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False)
+    items = np.array([3, 1, 6, 0, 2, 5, 3])  # with padding, a missing image and a repeat
+    encoder.train()
+
+    def vectors_and_grads():
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = encoder(store.lookup(items))
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    tokens, token_grads = vectors_and_grads()
+    expected = {"multimodal": ["text", "vision"], "text": ["text"], "vision": ["vision"]}[modality]
+    assert pool_frozen_states(encoder, store) == expected
+    assert pool_frozen_states(encoder, store) == []  # pooled once
+    inputs = store.lookup(items)
+    for states in (inputs.text_states, inputs.image_states):
+        assert states is None or states.shape[1:2] == (1,)
+    pooled, pooled_grads = vectors_and_grads()
+    torch.testing.assert_close(pooled, tokens, atol=1e-5, rtol=1e-5)
+    assert pooled_grads.keys() == token_grads.keys()
+    for name, grad in pooled_grads.items():
+        torch.testing.assert_close(grad, token_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [("model.fusion=merged_attention", "vision.trainable_layers=0"),
+                                       ("model.fusion=sum", "vision.trainable_layers=1")])
+def test_states_a_step_still_needs_per_token_are_not_pooled(tiny_domain, overrides):
+    encoder, store = _setup(tiny_domain, "text.trainable_layers=1", *overrides)
+    cache_frozen_features(encoder, store, torch.device("cpu"), batch_size=4, progress=False)
+    text, image = store.text_states, store.image_states
+    assert pool_frozen_states(encoder, store) == []
+    assert store.text_states is text and store.image_states is image and not store.text_pooled
 
 
 def test_prefixes_off_leaves_encoders_with_trainable_blocks_uncached(tiny_domain):
