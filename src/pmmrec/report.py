@@ -102,29 +102,37 @@ def write_report(out: str | Path, rows: list[dict[str, Any]], title: str, intro:
 # ---------------------------------------------------------------------------------------------- pmmrec report
 def describe_run(path: Path) -> str:
     """A short label for a run folder: its name plus how it was trained (from config.yaml / transfer.json)."""
+    kind = run_kind(path)
+    return f"{path.name} ({kind})" if kind else path.name
+
+
+def run_kind(path: Path) -> str:
+    """How a run folder's model was made, e.g. ``multimodal, transfer full``, ``IDs, scratch``, ``most popular``,
+    ``multimodal, zero-shot`` (a ``pmmrec evaluate --out`` of a checkpoint on a domain it never trained on);
+    empty without a config.yaml."""
     import yaml
 
-    label = path.name
     config_file = path / "config.yaml"
     if not config_file.is_file():
-        return label
+        return ""
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     results_file = path / "results.json"
-    if results_file.is_file():
-        baseline = json.loads(results_file.read_text(encoding="utf-8")).get("baseline")
-        if baseline:
-            return f"{label} ({baseline})"
+    results = json.loads(results_file.read_text(encoding="utf-8")) if results_file.is_file() else {}
+    if results.get("baseline"):
+        return str(results["baseline"])
     model = config.get("model", {})
     tower = model.get("item_tower")
     bits = ["IDs" if tower == "id" else model.get("modality", "") + ("+IDs" if tower == "content+id" else "")]
     transfer = config.get("transfer", {})
-    if (path / "transfer.json").is_file() and transfer.get("checkpoint"):
+    if results.get("evaluated"):
+        bits.append("zero-shot" if results["evaluated"].get("zero_shot") else "evaluated")
+    elif (path / "transfer.json").is_file() and transfer.get("checkpoint"):
         bits.append(f"transfer {transfer.get('parts', 'full')}")
     elif config.get("data", {}).get("sources"):
         bits.append("pretrain")
     else:
         bits.append("scratch")
-    return f"{label} ({', '.join(b for b in bits if b)})"
+    return ", ".join(b for b in bits if b)
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
@@ -156,3 +164,92 @@ def report_runs(runs: Sequence[str | Path], baseline: str | Path | None = None, 
                                               f"(exclude_history) against {reference['name']}."],
                      extra={"baseline": reference["run"]})
     return rows
+
+
+# ---------------------------------------------------------------------------------------- pmmrec report --curve
+def curve_points(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One point per (variant, number of users) over ``runs``: the test NDCG@10 (and HR@10) averaged over the
+    runs that share both, e.g. the seeds of one target size. The variant is :func:`run_kind`; the users are the
+    ``num_users`` its ``results.json`` records (the users of the domain it was trained or evaluated on)."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        row = load_run(run)
+        path = Path(run)
+        results = json.loads((path / "results.json").read_text(encoding="utf-8"))
+        if "num_users" not in results:
+            raise PmmrecError(f"{path / 'results.json'}: no num_users (results.json of an older pmmrec: evaluate or train the run again)")
+        kind = run_kind(path) or path.name
+        groups.setdefault((kind, int(results["num_users"])), []).append(row)
+    points = []
+    for (kind, users), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        point: dict[str, Any] = {"variant": kind, "users": users, "runs": [r["run"] for r in rows]}
+        for metric in METRICS:
+            values = [r[metric] for r in rows]
+            point[metric] = statistics.mean(values)
+            point[f"{metric}/std"] = statistics.stdev(values) if len(values) > 1 else None
+        points.append(point)
+    return points
+
+
+def format_curve(points: Sequence[dict[str, Any]], metric: str = "NDCG@10") -> str:
+    """A Markdown table: a row per variant, a column per number of users, cells ``mean ± std (n)``."""
+    sizes = sorted({p["users"] for p in points})
+    variants = list(dict.fromkeys(p["variant"] for p in points))
+    cell = {(p["variant"], p["users"]): p for p in points}
+    lines = [f"| {metric} (test) | " + " | ".join(f"{n:,} users" for n in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for variant in variants:
+        cells = []
+        for n in sizes:
+            p = cell.get((variant, n))
+            if p is None:
+                cells.append("")
+                continue
+            std = p[f"{metric}/std"]
+            cells.append(f"{p[metric]:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" ({len(p['runs'])})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curve(points: Sequence[dict[str, Any]], path: str | Path, title: str, metric: str = "NDCG@10") -> None:
+    """Test ``metric`` against the number of users (log scale), one line per variant, standard deviations as
+    error bars; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant in dict.fromkeys(p["variant"] for p in points):
+        line = sorted((p for p in points if p["variant"] == variant), key=lambda p: p["users"])
+        ax.errorbar([p["users"] for p in line], [p[metric] for p in line],
+                    yerr=[p[f"{metric}/std"] or 0.0 for p in line], marker="o", capsize=3, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("users in the target domain's training data")
+    ax.set_ylabel(f"test {metric} (full ranking, exclude_history)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def report_curve(runs: Sequence[str | Path], out: str | Path | None = None,
+                 title: str = "pmmrec report --curve") -> list[dict[str, Any]]:
+    """:func:`curve_points` of ``runs``; with ``out``, also curve.md / curve.json / curve.png there."""
+    if not runs:
+        raise PmmrecError("pmmrec report --curve needs run folders")
+    points = curve_points(runs)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = (f"# {title}\n\nTest split, full ranking, seen items excluded; mean ± std over the runs of a cell "
+                f"(their number in brackets).\n\n{format_curve(points)}\n\n{format_curve(points, 'HR@10')}\n")
+        atomic_write_text(out / "curve.md", text)
+        atomic_write_text(out / "curve.json", json.dumps({"points": points}, indent=2) + "\n")
+        plot_curve(points, out / "curve.png", title)
+    return points

@@ -76,3 +76,42 @@ def test_report_command_prints_the_table_and_fails_cleanly(tmp_path, capsys):
     assert "| a | 0.4000 | 0.2000 |" in out and "-50.0%" in out
     assert main(["report", str(a), str(tmp_path / "nope")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def _sized_run(folder, ndcg, users, config, zero_shot=False):
+    _run(folder, 2 * ndcg, ndcg, config)
+    results = json.loads((folder / "results.json").read_text())
+    results["num_users"] = users
+    if zero_shot:
+        results["evaluated"] = {"checkpoint": "pre.pt", "zero_shot": True}
+    (folder / "results.json").write_text(json.dumps(results))
+    if "transfer:" in config:
+        (folder / "transfer.json").write_text("{}")
+    return folder
+
+
+def test_curve_averages_seeds_per_kind_and_size_and_draws_one_line_per_kind(tmp_path):
+    scratch = "model: {modality: multimodal}\ndata: {domain: d}\n"
+    full = "model: {modality: multimodal}\ntransfer: {checkpoint: pre.pt, parts: full}\n"
+    runs = [_sized_run(tmp_path / "s100-0", 0.10, 100, scratch), _sized_run(tmp_path / "s100-1", 0.20, 100, scratch),
+            _sized_run(tmp_path / "s1000", 0.30, 1000, scratch), _sized_run(tmp_path / "t100", 0.25, 100, full),
+            _sized_run(tmp_path / "z", 0.05, 1000, scratch, zero_shot=True)]
+    assert main(["report", "--curve", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    points = json.loads((tmp_path / "out" / "curve.json").read_text())["points"]
+    by = {(p["variant"], p["users"]): p for p in points}
+    assert set(by) == {("multimodal, scratch", 100), ("multimodal, scratch", 1000),
+                       ("multimodal, transfer full", 100), ("multimodal, zero-shot", 1000)}
+    assert by["multimodal, scratch", 100]["NDCG@10"] == pytest.approx(0.15)
+    assert by["multimodal, scratch", 100]["NDCG@10/std"] == pytest.approx(0.0707, abs=1e-4)
+    assert by["multimodal, scratch", 1000]["NDCG@10/std"] is None
+    table = (tmp_path / "out" / "curve.md").read_text()
+    assert "| NDCG@10 (test) | 100 users | 1,000 users |" in table
+    assert "| multimodal, scratch | 0.1500 ± 0.0707 (2) | 0.3000 (1) |" in table
+    assert "| multimodal, zero-shot |  | 0.0500 (1) |" in table
+    assert (tmp_path / "out" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_needs_the_users_of_each_run(tmp_path):
+    run = _run(tmp_path / "old", 0.4, 0.2, "model: {modality: text}\n")
+    with pytest.raises(PmmrecError, match="no num_users"):
+        main(["report", "--curve", str(run), "--debug"])

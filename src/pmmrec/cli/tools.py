@@ -33,8 +33,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pmmrec.report import format_table, report_runs
+    from pmmrec.report import format_curve, format_table, report_curve, report_runs
 
+    if args.curve:
+        points = report_curve(args.runs, out=args.out)
+        print(format_curve(points))
+        if args.out:
+            print(f"\nwrote {Path(args.out) / 'curve.md'}, curve.json and curve.png")
+        return
     rows = report_runs(args.runs, baseline=args.baseline, out=args.out)
     print(format_table(rows, reference=rows[0]["name"] if args.baseline is None else Path(args.baseline).name))
     if args.out:
@@ -96,4 +102,10 @@ def _add_misc_commands(sub) -> None:
                  "pmmrec report runs/scratch runs/transfer runs/transfer-text --out runs/compare", cmd_report)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding results.json")
     p.add_argument("--baseline", metavar="RUN", help="the run the gains are relative to (default: the first RUN)")
-    p.add_argument("--out", metavar="DIR", help="also write DIR/report.md, report.json and report.png")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/report.md, report.json and report.png "
+                   "(with --curve: curve.md, curve.json, curve.png)")
+    p.add_argument("--curve", action="store_true",
+                   help="a learning curve instead of a table: test NDCG@10 against the users each run trained on "
+                   "(results.json's num_users), one line per kind of run (scratch, transfer full, zero-shot...), "
+                   "runs of the same kind and size averaged (e.g. seeds); for targets subsampled with "
+                   "`pmmrec data sample`")
