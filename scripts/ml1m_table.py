@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from studies import REPO, pmmrec, run_folder
 
 from pmmrec.utils.io import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "real-cpu.yaml"
 # name -> (pmmrec command words, overrides)
 VARIANTS = {
@@ -40,11 +38,6 @@ VARIANTS = {
 }
 METRICS = [("exclude_history", "HR@10"), ("exclude_history", "NDCG@10"), ("exclude_history", "HR@20"),
            ("exclude_history", "NDCG@20"), ("include_history", "HR@10"), ("include_history", "NDCG@10")]
-
-
-def pmmrec(*args: str, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "pmmrec", *args], check=True, env=env)
 
 
 def prepare(data: Path, out: Path, threads: int) -> Path:
@@ -61,22 +54,8 @@ def prepare(data: Path, out: Path, threads: int) -> Path:
 def run(name: str, seed: int, domain: Path, out: Path, threads: int) -> dict:
     _, words, overrides = VARIANTS[name]
     folder = out / "runs" / f"{name}-s{seed}"
-    results = folder / "results.json"
-    if not results.is_file():
-        resume = ["--resume"] if (folder / "checkpoints").is_dir() else []
-        started = time.perf_counter()
-        try:
-            pmmrec(*words, "-c", str(RECIPE), f"data.domain={domain}", f"run.dir={folder}", f"seed={seed}",
-                   f"train.cache_dir={out / 'cache'}", *overrides, *resume, threads=threads)
-        finally:  # the wall time of every session of this run, also an interrupted one
-            spent = folder / "wall_seconds"
-            before = float(spent.read_text()) if spent.is_file() else 0.0
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(spent, f"{before + time.perf_counter() - started:.1f}\n")
-    out_ = json.loads(results.read_text())
-    spent = folder / "wall_seconds"
-    out_["wall_seconds"] = float(spent.read_text()) if spent.is_file() else None
-    return out_
+    return run_folder(folder, [*words, "-c", str(RECIPE), f"data.domain={domain}", f"run.dir={folder}",
+                               f"seed={seed}", f"train.cache_dir={out / 'cache'}", *overrides], threads)
 
 
 def table(rows: dict[str, list[dict]]) -> str:

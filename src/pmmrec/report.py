@@ -167,10 +167,13 @@ def report_runs(runs: Sequence[str | Path], baseline: str | Path | None = None, 
 
 
 # ---------------------------------------------------------------------------------------- pmmrec report --curve
-def curve_points(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+def curve_points(runs: Sequence[str | Path], by: str = "kind") -> list[dict[str, Any]]:
     """One point per (variant, number of users) over ``runs``: the test NDCG@10 (and HR@10) averaged over the
-    runs that share both, e.g. the seeds of one target size. The variant is :func:`run_kind`; the users are the
+    runs that share both, e.g. the seeds of one target size. The variant is :func:`run_kind` (``by="kind"``) or
+    the run folder's name (``by="name"``, for studies that lay out SIZE-SEED/VARIANT folders); the users are the
     ``num_users`` its ``results.json`` records (the users of the domain it was trained or evaluated on)."""
+    if by not in ("kind", "name"):
+        raise ValueError(f"by must be kind or name, not {by!r}")
     import statistics
 
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -180,7 +183,7 @@ def curve_points(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         results = json.loads((path / "results.json").read_text(encoding="utf-8"))
         if "num_users" not in results:
             raise PmmrecError(f"{path / 'results.json'}: no num_users (results.json of an older pmmrec: evaluate or train the run again)")
-        kind = run_kind(path) or path.name
+        kind = (run_kind(path) if by == "kind" else "") or path.name
         groups.setdefault((kind, int(results["num_users"])), []).append(row)
     points = []
     for (kind, users), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -238,12 +241,12 @@ def plot_curve(points: Sequence[dict[str, Any]], path: str | Path, title: str, m
     plt.close(fig)
 
 
-def report_curve(runs: Sequence[str | Path], out: str | Path | None = None,
-                 title: str = "pmmrec report --curve") -> list[dict[str, Any]]:
+def report_curve(runs: Sequence[str | Path], out: str | Path | None = None, title: str = "pmmrec report --curve",
+                 by: str = "kind") -> list[dict[str, Any]]:
     """:func:`curve_points` of ``runs``; with ``out``, also curve.md / curve.json / curve.png there."""
     if not runs:
         raise PmmrecError("pmmrec report --curve needs run folders")
-    points = curve_points(runs)
+    points = curve_points(runs, by)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import pytest
 
 from pmmrec.cli import main
 from pmmrec.errors import PmmrecError
-from pmmrec.report import add_gains, format_table, load_run, make_row, report_runs
+from pmmrec.report import add_gains, format_table, load_run, make_row, report_curve, report_runs
 
 
 def _results(hr: float, ndcg: float) -> dict:
@@ -109,6 +109,8 @@ def test_curve_averages_seeds_per_kind_and_size_and_draws_one_line_per_kind(tmp_
     assert "| multimodal, scratch | 0.1500 ± 0.0707 (2) | 0.3000 (1) |" in table
     assert "| multimodal, zero-shot |  | 0.0500 (1) |" in table
     assert (tmp_path / "out" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    by_name = {(p["variant"], p["users"]) for p in report_curve(runs, by="name")}
+    assert ("s100-0", 100) in by_name and len(by_name) == 5
 
 
 def test_curve_needs_the_users_of_each_run(tmp_path):

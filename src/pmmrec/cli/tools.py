@@ -36,7 +36,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from pmmrec.report import format_curve, format_table, report_curve, report_runs
 
     if args.curve:
-        points = report_curve(args.runs, out=args.out)
+        points = report_curve(args.runs, out=args.out, by=args.by)
         print(format_curve(points))
         if args.out:
             print(f"\nwrote {Path(args.out) / 'curve.md'}, curve.json and curve.png")
@@ -109,3 +109,6 @@ def _add_misc_commands(sub) -> None:
                    "(results.json's num_users), one line per kind of run (scratch, transfer full, zero-shot...), "
                    "runs of the same kind and size averaged (e.g. seeds); for targets subsampled with "
                    "`pmmrec data sample`")
+    p.add_argument("--by", choices=["kind", "name"], default="kind",
+                   help="--curve: one line per kind of run (default), or per run folder name (studies laid out as "
+                   "SIZE-SEED/VARIANT folders, e.g. scripts/transfer_study.py)")

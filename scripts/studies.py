@@ -1,0 +1,42 @@
+"""What the study scripts (ml1m_table.py, transfer_study.py) share: pmmrec as a subprocess, and run folders that
+are trained once, resumed when interrupted, and timed over all their sessions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pmmrec.utils.io import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pmmrec(*args: str, threads: int) -> None:
+    """``python -m pmmrec ARGS`` with ``OMP_NUM_THREADS=threads``; a failure stops the study."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "pmmrec", *args], check=True, env=env)
+
+
+def run_folder(folder: Path, words: list[str], threads: int, resumable: bool = True) -> dict:
+    """``results.json`` of the run in ``folder``, made first by ``pmmrec WORDS`` if missing (WORDS write the run
+    there, e.g. with ``run.dir=FOLDER``; ``--resume`` is added when an earlier session left checkpoints). ``wall_seconds`` in the result is the time of every
+    session of the run, an interrupted one included."""
+    results = folder / "results.json"
+    if not results.is_file():
+        resume = ["--resume"] if resumable and (folder / "checkpoints").is_dir() else []
+        started = time.perf_counter()
+        try:
+            pmmrec(*words, *resume, threads=threads)
+        finally:
+            spent = folder / "wall_seconds"
+            before = float(spent.read_text()) if spent.is_file() else 0.0
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(spent, f"{before + time.perf_counter() - started:.1f}\n")
+    out = json.loads(results.read_text())
+    spent = folder / "wall_seconds"
+    out["wall_seconds"] = float(spent.read_text()) if spent.is_file() else None
+    return out
