@@ -119,18 +119,18 @@ def sample_domain(domain: str | os.PathLike, out: str | os.PathLike, users: int,
     if not len(kept):
         raise PmmrecError(f"{source}: the {users} users drawn with seed {seed} have no interactions")
     item_ids = [full.item_ids[k] for k in kept]
-    report = SampleReport(
-        source=str(source), out=str(out), seed=int(seed), users=len(chosen), users_total=full.num_users,
-        items=len(kept), items_total=full.num_items, interactions=int(sum(len(s) for s in sequences)),
-        interactions_total=full.num_interactions,
-        not_carried=sorted(p.name for p in source.iterdir()
-                           if p not in (files.items, files.users, files.images) and not p.name.startswith(".")))
     # Only our own image database holds encoded image files keyed by item id; the reference code's LMDB holds
     # pickled objects under other keys (pmmrec data import-reference converts it), so it is not copied.
     images = files.images if files.images is not None and files.images.name == IMAGES_DB else None
     if files.images is not None and images is None:
         log.warning("%s is the reference code's image LMDB (pickled images): not copied; convert the source with "
                     "pmmrec data import-reference to sample its images", files.images)
+    report = SampleReport(
+        source=str(source), out=str(out), seed=int(seed), users=len(chosen), users_total=full.num_users,
+        items=len(kept), items_total=full.num_items, interactions=int(sum(len(s) for s in sequences)),
+        interactions_total=full.num_interactions,
+        not_carried=sorted(p.name for p in source.iterdir()
+                           if p not in (files.items, files.users, images) and not p.name.startswith(".")))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_domain_tables(tmp, item_ids, [full.titles[k] for k in kept], [full.user_ids[u] for u in chosen],

@@ -108,6 +108,28 @@ def test_a_domain_without_images_gives_a_sample_without_images(tiny_domain, tmp_
     assert "no images.lmdb" in report.summary()
 
 
+def test_the_reference_codes_files_are_sampled_into_ours(tmp_path, caplog):
+    source = tmp_path / "ref"
+    source.mkdir()
+    (source / "Sci_items_texts.tsv").write_text("v1\tA title\nv2\tAnother\nv3\tThird\n", encoding="utf-8")
+    (source / "Sci_users.tsv").write_text("u1\tv1 v2 v1\nu2\tv3 v2 v3\n", encoding="utf-8")
+    write_image_db(source / "Sci_items_images.lmdb", [("1", b"a pickled object")])
+    report = sample_domain(source, tmp_path / "s", users=1, seed=0)
+    sample = read_domain(tmp_path / "s")
+    assert (tmp_path / "s" / "users.tsv").is_file() and len(sample.user_ids) == 1
+    # Its LMDB holds pickles under other keys: left behind, said so, never copied under our name.
+    assert report.images_stored is None and not (tmp_path / "s" / "images.lmdb").exists()
+    assert report.not_carried == ["Sci_items_images.lmdb"] and "import-reference" in caplog.text
+
+
+def test_users_with_no_interactions_make_no_domain(tmp_path):
+    source = tmp_path / "empty"
+    write_domain_tables(source, ["a"], ["Apple"], ["u1", "u2"], [[], []])
+    with pytest.raises(PmmrecError, match="the 1 users drawn with seed 0 have no interactions"):
+        sample_domain(source, tmp_path / "s", users=1)
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("users", [0, -3])
 def test_fewer_than_one_user_is_refused(tiny_domain, tmp_path, users):
     with pytest.raises(PmmrecError, match=f"--users must be a positive number of users, got {users}"):
