@@ -7,7 +7,7 @@ from pmmrec.cli import main
 
 COMMANDS = ["data", "config", "pretrain", "transfer", "train", "evaluate", "recommend", "export-embeddings",
             "serve", "bench", "demo", "import-checkpoint"]
-DATA_COMMANDS = ["synth", "prepare", "build-images", "stats", "import-reference", "import-atomic",
+DATA_COMMANDS = ["synth", "prepare", "build-images", "stats", "sample", "import-reference", "import-atomic",
                  "export-atomic"]
 
 

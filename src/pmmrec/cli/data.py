@@ -1,4 +1,4 @@
-"""``pmmrec data``: synth, prepare, build-images, stats, import-reference, import-atomic and export-atomic."""
+"""``pmmrec data``: synth, prepare, build-images, stats, sample, import-reference, import-atomic and export-atomic."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
 
 
+def cmd_data_sample(args: argparse.Namespace) -> None:
+    from pmmrec.data.sample import sample_domain
+
+    report = sample_domain(args.domain, args.out, args.users, seed=args.seed, overwrite=args.overwrite)
+    print(report.summary())
+
+
 def cmd_data_import_reference(args: argparse.Namespace) -> None:
     from pmmrec.data.reference import import_reference
 
@@ -95,7 +102,7 @@ def cmd_data_export_atomic(args: argparse.Namespace) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    """``pmmrec data``: synth, prepare, build-images, stats, then the importers and exporter."""
+    """``pmmrec data``: synth, prepare, build-images, stats, sample, then the importers and exporter."""
     data = sub.add_parser("data", help="prepare domains, build image databases, synthesise the built-in world",
                           parents=[_common_options()])
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -123,6 +130,17 @@ def _add_data_commands(sub) -> None:
                  "pmmrec data stats data/world/target", cmd_data_stats)
     p.add_argument("domain", help="a domain folder")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = _command(dsub, "sample", "a smaller domain: N users drawn at random (whole histories, in order), the items "
+                 "they touch (in items.tsv order) and those items' images; sample_report.json in OUT says what was "
+                 "kept of how many and with which seed (the same seed gives the same sample)",
+                 "pmmrec data sample data/ml1m --users 600 --seed 0 --out data/ml1m-600", cmd_data_sample)
+    p.add_argument("domain", help="a domain folder (e.g. written by data prepare)")
+    p.add_argument("--users", type=int, required=True, metavar="N",
+                   help="how many users to keep: 1 to the domain's number of users")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the draw (default 0)")
+    p.add_argument("--out", required=True, help="the domain folder to create (built beside it, then renamed)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     _add_data_interchange(dsub)
 

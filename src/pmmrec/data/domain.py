@@ -208,10 +208,18 @@ def check_images(domain: Domain, missing_image: Literal["error", "blank"]) -> li
     """Return the items with no image; under ``missing_image: error`` any such item is an error."""
     missing = items_without_image(domain)
     if missing and missing_image == "error":
-        where = domain.image_db or (Path(domain.path or ".") / IMAGES_DB)
+        # Only a run whose model reads images checks them (read_domain's missing_image), so say so: evaluating
+        # or serving a vision checkpoint on another domain's catalogue is where this is met first.
         more = f" and {len(missing) - MAX_OFFENDERS} more" if len(missing) > MAX_OFFENDERS else ""
-        raise DataError(f"{len(missing)} item(s) have no image: {', '.join(map(repr, missing[:MAX_OFFENDERS]))}"
-                        f"{more} (set data.missing_image: blank to use a blank image)", where)
+        examples = f"{', '.join(map(repr, missing[:MAX_OFFENDERS]))}{more}"
+        hint = ("the model reads images (model.modality vision or multimodal); set data.missing_image: blank to "
+                "give these items a blank image")
+        if domain.image_db is None and domain.image_sources is None:
+            raise DataError(f"no image database ({IMAGES_DB}), so none of its {domain.num_items} items has an "
+                            f"image ({examples}); {hint}, or add one with pmmrec data build-images",
+                            domain.path or ".")
+        raise DataError(f"{len(missing)} of {domain.num_items} items have no image: {examples}; {hint}",
+                        domain.image_db or domain.path or ".")
     return missing
 
 

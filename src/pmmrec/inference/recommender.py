@@ -121,14 +121,19 @@ class Recommender:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, domain: str | os.PathLike | None = None, *,
                         device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
-                        batch_size: int = 256, progress: bool = False) -> Recommender:
+                        batch_size: int = 256, progress: bool = False,
+                        overrides: Sequence[str] = ()) -> Recommender:
         """Rebuild the model of a checkpoint and encode the catalogue of ``domain`` (default: its data.domain).
 
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
         over the items it was trained on, which the checkpoint lists itself (``domain`` then only adds titles).
+        ``overrides`` change the checkpoint's stored config as on the command line, e.g.
+        ``["data.missing_image=blank"]`` for a vision model on a catalogue where some items have no image.
         """
+        if isinstance(overrides, str):
+            raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
         device = torch.device(device)
-        loaded = load_model(path, device=device)
+        loaded = load_model(path, list(overrides), device=device)
         model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
         folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
         id_tower = config.model.item_tower == "id"

@@ -110,11 +110,13 @@ def test_not_a_domain_folder(tmp_path):
 
 
 def test_missing_images(tiny_domain, tmp_path):
-    with pytest.raises(DataError, match=r"1 item\(s\) have no image: 'i6'"):
+    with pytest.raises(DataError, match=r"images.lmdb: 1 of 6 items have no image: 'i6'; the model reads images "
+                                        r"\(model.modality vision or multimodal\); set data.missing_image: blank"):
         read_domain(tiny_domain, missing_image="error")
     assert read_domain(tiny_domain, missing_image="blank").image_db == tiny_domain / "images.lmdb"
     text_only = _folder(tmp_path, ITEMS, "u\ta\n")
-    with pytest.raises(DataError, match="3 item"):
+    with pytest.raises(DataError, match=r"no image database \(images.lmdb\), so none of its 3 items has an image "
+                                        r"\('a', 'b', 'c'\).*or add one with pmmrec data build-images"):
         read_domain(text_only, missing_image="error")
     read_domain(text_only)  # no check by default (text-only use)
 
