@@ -157,3 +157,20 @@ def test_an_id_checkpoint_refuses_another_catalogue(domains, tmp_path):
     ckpt = _train(domains["source"], tmp_path / "id", "model.item_tower=id")
     with pytest.raises(PmmrecError, match="an ID-based model can only be evaluated on the catalogue it was trained"):
         evaluate_checkpoint(str(ckpt), [f"data.domain={domains['other']}"])
+
+
+def test_evaluate_out_writes_a_zero_shot_run_folder_for_report(multimodal, domains, tmp_path, capsys):
+    other, out = domains["other"], tmp_path / "zero-shot"
+    assert main(["evaluate", "--checkpoint", str(multimodal), "--out", str(out), f"data.domain={other}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluated"]["zero_shot"] is True and results["evaluated"]["domain"] == str(other)
+    assert results["num_users"] == 9 and results["num_items"] == 7 and "valid" in results and "test" in results
+    assert (out / "config.yaml").is_file()
+    assert main(["report", "--curve", str(out)]) == 0
+    assert "| multimodal, zero-shot |" in capsys.readouterr().out
+    # The same checkpoint on its own domain is an evaluation, not zero-shot; an --out holding results is refused.
+    own = tmp_path / "own"
+    evaluate_checkpoint(str(multimodal), [], out=own)
+    assert json.loads((own / "results.json").read_text())["evaluated"]["zero_shot"] is False
+    with pytest.raises(PmmrecError, match="already holds results.json"):
+        evaluate_checkpoint(str(multimodal), [], out=own)

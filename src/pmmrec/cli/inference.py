@@ -15,7 +15,7 @@ log = logging.getLogger("pmmrec")
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pmmrec.evaluation.checkpoint import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split)
+    results = evaluate_checkpoint(args.checkpoint, args.overrides, splits=args.split, out=args.out)
     if args.json and _prints():
         print(json.dumps(results, indent=2))
     else:
@@ -69,6 +69,8 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--split", choices=["valid", "test"], action="append",
                    help="which split(s) to evaluate (default: both)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/results.json and DIR/config.yaml, a run folder "
+                   "for `pmmrec report` (zero-shot when data.domain is a domain the checkpoint never trained on)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the checkpoint's config, e.g. data.domain=... eval.ks=[10]")
     domain_help = "the catalogue's domain folder (default: the checkpoint's data.domain)"

@@ -10,7 +10,7 @@ weights, verifying a compact checkpoint's omitted frozen encoder weights against
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ class LoadedModel:
     config: Config
     item_ids: list[str]
     path: str
+    trained_on: list[str] = field(default_factory=list)  # the domain folder(s) of the run, as its config recorded
 
 
 def read_checkpoint(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Checkpoint:
@@ -62,7 +63,9 @@ def load_model(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     model = PMMRec(checkpoint.config, len(checkpoint.item_ids))
     model.load_state_dict(checkpoint.state["model"])
     model.to(device).eval()
-    return LoadedModel(model, checkpoint.config, checkpoint.item_ids, checkpoint.path)
+    data = checkpoint.state["config"].get("data", {})
+    trained_on = [str(d) for d in (data.get("sources") or [data.get("domain")]) if d]
+    return LoadedModel(model, checkpoint.config, checkpoint.item_ids, checkpoint.path, trained_on)
 
 
 def id_rows(trained_ids: list[str], catalogue_ids: list[str]) -> np.ndarray | None:

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""When does transfer pay on real data? The gain-vs-size study of the README, on MovieLens-1M's genre domains.
+
+1. Prepare ML-1M as genre domains whose movies never overlap: kids (the target), action, comedy, drama (sources).
+2. Pretrain on the three sources (``configs/real-cpu.yaml``: whole histories, catalogue softmax), once per
+   objective set of ``--pretrain`` (default: ``rec``; ``--pretrain rec rec,nicl rec,nicl,nid,rcl`` is the
+   objectives ablation), with early stopping on the sources' validation NDCG@10.
+3. Subsample the target (``pmmrec data sample kids --users N --seed S``) at each ``--sizes`` (``all`` = every
+   kids user); each size below all is drawn once per seed of ``--seeds``.
+4. On each target: most popular, scratch, transfer of the full model, of the item encoder only, of the user
+   encoder only, and zero-shot (``pmmrec evaluate --out``: the pretrained model ranking the target's catalogue with
+   no fine-tuning). Objective sets other than the first are transferred in full only.
+5. ``pmmrec report --curve`` over every run: OUT/curve/curve.{md,json,png}; OUT/gains.md: each variant's NDCG@10
+   gain over scratch on the same target (paired by size and seed), mean ± std over seeds.
+
+Finished runs are reused and unfinished ones resumed, so the script can be stopped and started again.
+
+    python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
+        [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2]
+        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...]
+
+Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studies import REPO, pmmrec, run_folder
+
+from pmmrec.utils.io import atomic_write_text
+
+RECIPE = REPO / "configs" / "real-cpu.yaml"
+GROUPS = ["kids=Animation,Children's", "action=Action,Adventure,Thriller", "comedy=Comedy,Romance",
+          "drama=Drama,Crime,War"]
+TARGET, SOURCES = "kids", ("action", "comedy", "drama")
+# Pretraining stops after 3 evaluations without a better source validation NDCG@10 (at most 30 epochs): the
+# sources hold ~860k interactions, so an epoch is long and the curve flat well before patience 10 would end it.
+PRETRAIN = ["train.patience=3", "train.epochs=30"]
+PARTS = ("full", "item_encoder", "user_encoder")
+
+
+@dataclass
+class Study:
+    out: Path
+    recipe: Path = RECIPE
+    threads: int = 2
+    # for every run, after the study's own settings: 7 ML-1M movies have no poster, then --set
+    extra: list[str] = field(default_factory=lambda: ["data.missing_image=blank"])
+
+    def run(self, folder: Path, words: list[str], resumable: bool = True) -> dict:
+        return run_folder(folder, [*words, f"train.cache_dir={self.out / 'cache'}", *self.extra], self.threads,
+                          resumable)
+
+
+def prepare(data: Path, study: Study) -> Path:
+    root = study.out / "data" / "genres"
+    if not (root / TARGET / "users.tsv").is_file():
+        for name in ("ratings.csv", "movies.csv", "posters"):
+            if not (data / name).exists():
+                sys.exit(f"{data / name} is missing: point --data at the MovieLens-1M folder")
+        groups = [arg for group in GROUPS for arg in ("--group", group)]
+        pmmrec("data", "prepare", str(data / "ratings.csv"), str(data / "movies.csv"), "--out", str(root),
+               "--images", str(data / "posters"), "--split-by", "genres", *groups, threads=study.threads)
+    return root
+
+
+def target(root: Path, study: Study, size: str, seed: int) -> Path:
+    """The kids domain, or a sample of ``size`` of its users drawn with ``seed``."""
+    if size == "all":
+        return root / TARGET
+    folder = study.out / "data" / f"{TARGET}-{size}-s{seed}"
+    if not (folder / "users.tsv").is_file():
+        pmmrec("data", "sample", str(root / TARGET), "--users", size, "--seed", str(seed), "--out", str(folder),
+               "--overwrite", threads=study.threads)
+    return folder
+
+
+def pretrain(root: Path, study: Study, objectives: str) -> Path:
+    folder = study.out / "pretrain" / objectives.replace(",", "+")
+    sources = ",".join(str(root / name) for name in SOURCES)
+    study.run(folder, ["pretrain", "-c", str(study.recipe), "--objectives", objectives,
+                       f"data.sources=[{sources}]", f"run.dir={folder}", *PRETRAIN])
+    return folder / "checkpoints" / "best.pt"
+
+
+def variants(study: Study, checkpoints: dict[str, Path], first: str) -> dict[str, list[str]]:
+    """Run name -> pmmrec words (without the target, run folder and seed)."""
+    recipe = str(study.recipe)
+    out = {"pop": ["baseline", "pop", "-c", recipe], "scratch": ["train", "-c", recipe]}
+    for objectives, checkpoint in checkpoints.items():
+        tag = objectives.replace(",", "+")
+        for part in PARTS if objectives == first else ("full",):
+            out[f"transfer-{part}-{tag}"] = ["transfer", "-c", recipe, "--from", str(checkpoint),
+                                             f"transfer.parts={part}"]
+        out[f"zero-shot-{tag}"] = ["evaluate", "--checkpoint", str(checkpoint)]
+    return out
+
+
+def run(study: Study, words: list[str], domain: Path, folder: Path, seed: int) -> dict:
+    if words[0] == "evaluate":  # zero-shot: no training, the evaluation is the run
+        return study.run(folder, [words[0], "--out", str(folder), *words[1:], f"data.domain={domain}"],
+                         resumable=False)
+    return study.run(folder, [*words, f"data.domain={domain}", f"run.dir={folder}", f"seed={seed}"])
+
+
+def gains(results: dict[tuple[str, str, int], dict]) -> str:
+    """Markdown: per variant and size, the relative test NDCG@10 gain over scratch on the same target."""
+    sizes = list(dict.fromkeys(size for _, size, _ in results))
+    names = [n for n in dict.fromkeys(name for name, _, _ in results) if n != "scratch"]
+    lines = ["| gain over scratch, test NDCG@10 | " + " | ".join(f"{s} users" for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for name in names:
+        cells = []
+        for size in sizes:
+            values = [(r["test"]["exclude_history"]["NDCG@10"] / base - 1) for (n, s, seed), r in results.items()
+                      if n == name and s == size
+                      and (base := results[("scratch", s, seed)]["test"]["exclude_history"]["NDCG@10"]) > 0]
+            spread = f" ± {statistics.stdev(values):.1%}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):+.1%}{spread} ({len(values)})" if values else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "movielens-1m")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "transfer")
+    parser.add_argument("--sizes", nargs="+", default=["100", "300", "1000", "all"],
+                        help="target users (numbers, or all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one sample (and training seed) per seed at each size below all; all uses the first")
+    parser.add_argument("--pretrain", nargs="+", default=["rec"],
+                        help="objective sets to pretrain with, e.g. rec rec,nicl rec,nicl,nid,rcl (the first is "
+                        "transferred by part too, the others in full)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of every run (default: %(default)s)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, e.g. train.epochs=2 (after the study's own)")
+    args = parser.parse_args()
+    for size in args.sizes:
+        if size != "all" and not (size.isdigit() and int(size) > 0):
+            parser.error(f"--sizes: {size!r} is neither a positive number nor all")
+    study = Study(args.out, args.recipe.resolve(), args.threads)
+    study.extra.extend(args.set)
+    root = prepare(args.data, study)
+    checkpoints = {objectives: pretrain(root, study, objectives) for objectives in args.pretrain}
+    results: dict[tuple[str, str, int], dict] = {}
+    folders = []
+    for size in args.sizes:
+        for seed in (args.seeds if size != "all" else args.seeds[:1]):
+            domain = target(root, study, size, seed)
+            for name, words in variants(study, checkpoints, args.pretrain[0]).items():
+                folder = args.out / "runs" / f"{size}-s{seed}" / name
+                results[(name, size, seed)] = run(study, words, domain, folder, seed)
+                folders.append(folder)
+    pmmrec("report", "--curve", "--by", "name", *map(str, folders), "--out", str(args.out / "curve"), threads=args.threads)
+    text = gains(results)
+    atomic_write_text(args.out / "gains.md", text + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(
+        [{"variant": n, "size": s, "seed": seed, **r} for (n, s, seed), r in results.items()], indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
