@@ -17,6 +17,7 @@ from pmmrec.config import load_config
 from pmmrec.errors import PmmrecError
 from pmmrec.runtime.checkpoint import load_checkpoint
 from pmmrec.training.api import build_trainer, fit
+from pmmrec.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -157,6 +158,27 @@ def test_resume_refuses_other_settings_and_accepts_a_longer_run(quick_world, tmp
     assert "model.dropout: 0.1 (saved), now 0.3" in err and "train.lr: 0.001 (saved), now 0.01" in err
     assert main([*args[:-1], "train.max_steps=2", "--resume"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 2
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_evaluation_once(quick_world, tmp_path, monkeypatch):
+    """Killed after logging its first evaluation but before that evaluation's checkpoint was complete, a run
+    resumes from the beginning and evaluates again: metrics.jsonl must not keep the killed process's line."""
+    class Killed(Exception):
+        pass
+
+    def die(self, best=False):
+        raise Killed
+
+    config = _config(quick_world, tmp_path / "run", "train.max_steps=2", "train.eval_every=1", "model.fusion=sum")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", die)
+        with pytest.raises(Killed):
+            fit(config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1]
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    fit(config, resume=True)
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
 
 
 def test_baselines_run_from_the_command_line_and_report_beside_models(quick_world, tmp_path, capsys):

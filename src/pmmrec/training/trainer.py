@@ -274,6 +274,9 @@ class Trainer:
         # Any of the run's checkpoints is an exact resume point; a corrupted one is named and skipped.
         found = load_resume_checkpoint([self.run.last, previous_path(self.run.last), self.run.best])
         if found is None:
+            # Lines a process logged before it was killed, ahead of its first complete checkpoint, are written again.
+            if distributed.is_main():
+                self.run.truncate_metrics(-1)
             log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
             return
         self.load_state_dict(found[1])
