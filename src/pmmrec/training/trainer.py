@@ -184,7 +184,11 @@ class Trainer:
                     if self._evaluate_and_check():
                         return
                     self.model.train()
-                elif cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0:
+                elif (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0
+                      and (cfg.eval_every or self.batch_in_epoch < self.steps_per_epoch)):
+                    # Not at the end of an epoch that is then evaluated: that evaluation writes this step's
+                    # checkpoints, and one written before it, at the same step, would be a resume point that
+                    # evaluates (and logs) the step again.
                     self.save()
             bar.close()
             if self.batch_in_epoch >= self.steps_per_epoch:
