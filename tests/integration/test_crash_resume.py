@@ -1,4 +1,4 @@
-"""Crash safety: `pmmrec train` / `pretrain` killed with SIGKILL at seeded points, resumed, same final result.
+"""Crash safety: `pmmrec train` / `pretrain` / `transfer` killed with SIGKILL at seeded points, resumed, same final result.
 
 Each kill is a real SIGKILL of the training process (no handler, no cleanup runs). To land it at chosen
 places (between checkpoints, halfway through a checkpoint file's bytes, inside an evaluation) the process is
@@ -141,3 +141,22 @@ def test_killed_pretraining_resumes_to_the_same_result(quick_world, tmp_path):
             "model.fusion=sum"]
     _kill_resume_compare(args, tmp_path / "run", kills, "flip")
 
+
+
+@pytest.mark.slow
+def test_killed_transfer_resumes_to_the_same_result(quick_world, tmp_path):
+    """Around the validation of the starting point (step 0): killed halfway through its best.pt (the step-0 line
+    is logged, no checkpoint is complete: the resumed run starts over and logs it once), then halfway through its
+    last.pt (best.pt at step 0 is the resume point: step 0 is not evaluated again), then during training."""
+    from pmmrec.cli import main
+
+    source = tmp_path / "source"
+    assert main(["train", "-c", str(TINY), f"data.domain={quick_world / 'books'}", f"run.dir={source}",
+                 "train.max_steps=1", "model.fusion=sum"]) == 0
+    kills = [("write", 1), ("write", 2), ("step", random.Random(10).randint(7, 10))]
+    args = ["transfer", "--from", str(source / "checkpoints" / "best.pt"), "-c", str(TINY),
+            f"data.domain={quick_world / 'target'}", "train.epochs=2", "train.batch_size=16",
+            "train.checkpoint_every=3", "model.fusion=sum"]
+    _kill_resume_compare(args, tmp_path / "run", kills, "flip")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 6, 12]

@@ -155,6 +155,22 @@ def test_two_processes_resume_exactly(runs, quick_world):
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
+def test_two_processes_transfer_from_step_0_like_one(runs, quick_world):
+    """A transfer validates its starting point (step 0) before training, sharded like every evaluation: rank 0
+    logs it once, and 2 processes end where 1 does."""
+    source = str(runs["one"] / "checkpoints" / "best.pt")
+    one, two = runs["root"] / "transfer-one", runs["root"] / "transfer-two"
+    assert main(["transfer", "--from", source, "-c", str(TINY), *_overrides(quick_world, one)]) == 0
+    _torchrun("-m", "pmmrec", "transfer", "--from", source, "-c", str(TINY), *_overrides(quick_world, two))
+    assert [x["step"] for x in _lines(two)] == list(range(STEPS + 1))
+    for a, b in zip(_lines(one), _lines(two), strict=True):
+        for protocol in ("exclude_history", "include_history"):
+            assert b["valid"][protocol] == pytest.approx(a["valid"][protocol], abs=1e-6)
+    assert _lines(two)[0]["valid"] == _lines(one)[0]["valid"]  # the same weights, evaluated bit for bit alike
+    expected, got = (json.loads((run / "results.json").read_text()) for run in (one, two))
+    assert got["best_step"] == expected["best_step"] and got["steps"] == expected["steps"] == STEPS
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(quick_world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "pmmrec",
            "train", "-c", str(TINY), *_overrides(quick_world, tmp_path / "odd", "train.batch_size=15")]

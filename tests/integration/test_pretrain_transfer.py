@@ -142,6 +142,46 @@ def test_per_domain_batches_stay_inside_one_domain(quick_world, tmp_path):
     assert any(len({domain_of[int(owner[w])] for w in batch}) > 1 for batch in mixed)
 
 
+def test_per_domain_negatives_come_from_the_batch_domain(quick_world, tmp_path, monkeypatch):
+    """data.mix=per_domain through the training step: the candidates of in-batch L_rec and the items of L_NICL
+    (whose negatives are the batch's other items) all belong to one source domain, batch after batch; with the
+    default mix some batch crosses domains."""
+    from pmmrec.data.sources import load_sources
+    from pmmrec.objectives import next_item, nicl
+
+    seen = []  # per loss call: the domains of the item numbers it scores
+    rec, align = next_item.next_item_loss, nicl.nicl_loss
+
+    def domains(items):
+        numbers = set(items[items > 0].tolist())
+        return {view.name for view in views if numbers & set(view.items.tolist())}
+
+    def recording_rec(states, embs, items, *args, **kwargs):
+        seen.append(("rec", domains(kwargs.get("cand_items", items))))
+        return rec(states, embs, items, *args, **kwargs)
+
+    def recording_nicl(text, image, items, *args, **kwargs):
+        seen.append(("nicl", domains(items)))
+        return align(text, image, items, *args, **kwargs)
+
+    monkeypatch.setattr(next_item, "next_item_loss", recording_rec)
+    monkeypatch.setattr(nicl, "nicl_loss", recording_nicl)
+    common = [_sources(quick_world), "objectives.use=[rec, nicl]", "train.batch_size=32"]
+    split, views = load_sources(load_config(TINY, common))
+    for mix in ("per_domain", "mixed"):
+        seen.clear()
+        trainer = build_trainer(load_config(TINY, [*common, f"run.dir={tmp_path / mix}", f"data.mix={mix}"]),
+                                split=split, views=views)
+        for batch in trainer.batches.epoch(0):
+            trainer.loss(batch)
+        assert len(seen) == 2 * trainer.steps_per_epoch
+        if mix == "per_domain":
+            assert all(len(d) == 1 for _, d in seen)
+            assert len(set.union(*(d for _, d in seen))) == len(SOURCES)  # every domain trains
+        else:
+            assert any(len(d) > 1 for _, d in seen)
+
+
 def test_content_plus_id_transfers_its_content_and_serves_new_items(quick_world, tmp_path):
     """A content+id model: transfer moves the content part (IDs belong to the source catalogue), a new item
     is recommendable at once (its content alone), and another domain is evaluated by content alone."""

@@ -16,7 +16,9 @@ from pmmrec.cli import main
 from pmmrec.config import load_config
 from pmmrec.errors import PmmrecError
 from pmmrec.runtime.checkpoint import load_checkpoint
+from pmmrec.training import trainer as trainer_module
 from pmmrec.training.api import build_trainer, fit
+from pmmrec.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -157,6 +159,52 @@ def test_resume_refuses_other_settings_and_accepts_a_longer_run(quick_world, tmp
     assert "model.dropout: 0.1 (saved), now 0.3" in err and "train.lr: 0.001 (saved), now 0.01" in err
     assert main([*args[:-1], "train.max_steps=2", "--resume"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 2
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_evaluation_once(quick_world, tmp_path, monkeypatch):
+    """Killed after logging its first evaluation but before that evaluation's checkpoint was complete, a run
+    resumes from the beginning and evaluates again: metrics.jsonl must not keep the killed process's line."""
+    class Killed(Exception):
+        pass
+
+    def die(self, best=False):
+        raise Killed
+
+    config = _config(quick_world, tmp_path / "run", "train.max_steps=2", "train.eval_every=1", "model.fusion=sum")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", die)
+        with pytest.raises(Killed):
+            fit(config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1]
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    fit(config, resume=True)
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_a_run_killed_between_the_checkpoints_of_an_evaluation_logs_it_once(quick_world, tmp_path, monkeypatch):
+    """Killed after an epoch's evaluation wrote best.pt and before its last.pt, a run resumes from best.pt: no
+    checkpoint of the same step from before that evaluation (train.checkpoint_every falls on the epoch's end) may
+    win the tie and make the resumed run evaluate and log the step again."""
+    class Killed(Exception):
+        pass
+
+    real = trainer_module.save_checkpoint
+
+    def dying(path, state, keep_previous=False):
+        if path.name == "last.pt" and state["trainer_state"]["epoch"] == 1:  # after epoch 1's evaluation (step 6)
+            raise Killed
+        real(path, state, keep_previous)
+
+    config = _config(quick_world, tmp_path / "run", "train.epochs=2", "train.checkpoint_every=3", "model.fusion=sum")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "save_checkpoint", dying)
+        with pytest.raises(Killed):
+            fit(config)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["trainer_state"]["update"] == 6
+    fit(config, resume=True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [6, 12]
 
 
 def test_baselines_run_from_the_command_line_and_report_beside_models(quick_world, tmp_path, capsys):

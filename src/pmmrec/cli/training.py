@@ -76,7 +76,8 @@ def _add_training_commands(sub) -> None:
                  "transfer.parts=item_encoder data.domain=data/world/target run.dir=runs/transfer", cmd_transfer)
     p.add_argument("--objectives", metavar="LIST", help="fine-tuning objectives (default: objectives.use, i.e. rec)")
     p.add_argument("--from", dest="checkpoint", help="the pretrained checkpoint (its text/vision/model settings "
-                   "are used unless the recipe or overrides change them)")
+                   "are used unless the recipe or overrides change them). The model it initialises is validated "
+                   "before the first step (step 0) and is the result if fine-tuning never beats it")
     _config_args(p, resume=True)
     base = sub.add_parser("baseline", help="reference points on one domain, in the same harness and run folders",
                           parents=[_common_options()])

@@ -4,9 +4,10 @@ What the loop trains on comes from outside (:mod:`pmmrec.training.api` builds it
 (:class:`~pmmrec.data.loader.TrainBatches`), the evaluator (:class:`~pmmrec.evaluation.evaluator.SplitEvaluator`)
 and the objective (:class:`~pmmrec.training.objective.TrainingObjective`). The loop itself is AdamW with per-group
 learning rates and a per-step schedule, gradient accumulation and clipping, AMP on GPU, evaluation with full ranking,
-early stopping on validation NDCG@10, and checkpoints that resume *exactly*: the epoch's order is derived from
-(seed, epoch), the position inside it is saved, and so are every RNG state, the optimiser, the scheduler and the
-scaler, so an interrupted run ends with the metrics of an uninterrupted one (docs/design.md §6, docs/reliability.md).
+early stopping on validation NDCG@10 (from step 0, the starting point, when fine-tuning a pretrained model), and
+checkpoints that resume *exactly*: the epoch's order is derived from (seed, epoch), the position inside it is saved,
+and so are every RNG state, the optimiser, the scheduler and the scaler, so an interrupted run ends with the metrics
+of an uninterrupted one (docs/design.md §6, docs/reliability.md).
 
 Under ``torchrun`` the objective is wrapped in DDP, ``train.batch_size`` is the *global* batch (each rank trains its
 slice), only rank 0 writes the run folder, and every rank reads checkpoints.
@@ -61,9 +62,12 @@ class Trainer:
     def __init__(self, config: Config, model: PMMRec, batches: TrainBatches, evaluator: SplitEvaluator,
                  run: RunDir, item_ids: list[str], device: torch.device, objective: TrainingObjective,
                  transfer_report: dict | None = None):
-        """``transfer_report``: what a transfer loaded into ``model`` (written to the run's transfer.json)."""
+        """``transfer_report``: what a transfer loaded into ``model`` (written to the run's transfer.json). A model
+        that starts from a pretrained checkpoint (a report is given) is validated before its first step: the starting
+        point is a candidate best (docs/design.md §6)."""
         self.config, self.model, self.batches, self.evaluator, self.run = config, model, batches, evaluator, run
         self.transfer_report = transfer_report
+        self.validate_start = transfer_report is not None
         self.item_ids, self.device = list(item_ids), device
         self.world, self.rank = distributed.world_size(), distributed.rank()
         cfg = config.train
@@ -129,14 +133,18 @@ class Trainer:
                 atomic_write_text(self.run.path / "transfer.json",
                                   json.dumps(self.transfer_report, indent=2) + "\n")
         try:
-            if resume:
-                self._resume()
+            resumed = self._resume() if resume else False
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
 
                 if main:
                     self.writer = SummaryWriter(str(self.run.path / "tensorboard"))
-            self._loop()
+            # Fine-tuning first validates its pretrained starting point ("epoch 0", step 0), a candidate best like
+            # any evaluation (best.pt, metrics.jsonl, patience), so the result is never below it on validation. A
+            # run resumed from a checkpoint has done it already (its first checkpoints are that evaluation's).
+            stop = self.validate_start and not resumed and self._evaluate_and_check()
+            if not stop:
+                self._loop()
             return self.finish()
         finally:
             if self.writer is not None:
@@ -176,7 +184,11 @@ class Trainer:
                     if self._evaluate_and_check():
                         return
                     self.model.train()
-                elif cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0:
+                elif (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0
+                      and (cfg.eval_every or self.batch_in_epoch < self.steps_per_epoch)):
+                    # Not at the end of an epoch that is then evaluated: that evaluation writes this step's
+                    # checkpoints, and one written before it, at the same step, would be a resume point that
+                    # evaluates (and logs) the step again.
                     self.save()
             bar.close()
             if self.batch_in_epoch >= self.steps_per_epoch:
@@ -270,17 +282,22 @@ class Trainer:
                         len(ranks) if ranks is not None else 1, self.world)
         set_rng_state(ranks[self.rank] if ranks is not None and len(ranks) == self.world else state["rng"])
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Restore the run's latest good checkpoint; False when there is none (the run starts from the beginning)."""
         # Any of the run's checkpoints is an exact resume point; a corrupted one is named and skipped.
         found = load_resume_checkpoint([self.run.last, previous_path(self.run.last), self.run.best])
         if found is None:
+            # Lines a process logged before it was killed, ahead of its first complete checkpoint, are written again.
+            if distributed.is_main():
+                self.run.truncate_metrics(-1)
             log.warning("--resume: no checkpoint in %s yet, starting from the beginning", self.run.checkpoints)
-            return
+            return False
         self.load_state_dict(found[1])
         if distributed.is_main():
             self.run.truncate_metrics(self.update)
         log.info("resumed from %s at epoch %d, batch %d, step %d", found[0], self.epoch, self.batch_in_epoch,
                  self.update)
+        return True
 
     def save(self, best: bool = False) -> None:
         """Rank 0 writes; under torchrun every rank calls this and returns once the files are complete."""
