@@ -235,13 +235,7 @@ def sync_catalogue(model: PMMRec, config: Config, items: CatalogueItems, key: St
             missing = distributed.all_gather_objects(missing)[0]
         encoded = torch.zeros(0, key.dim)
         if len(missing):
-            features = build_feature_store(config, model.item_encoder, items.titles, items.image_refs,
-                                           image_cache_items=0, id_rows=items.id_rows)
-            try:
-                encoded = encode_numbers(model, features, missing, device, batch_size, progress)
-            finally:
-                if features is not None:
-                    features.close()  # read-only LMDB handles: persisting items later opens the database to write
+            encoded = _encode_missing(model, config, items, missing, device, batch_size, progress)
         result = None
         if distributed.is_main():
             result = _assemble(items, key, store, digests, stored, missing, encoded, info)
@@ -251,6 +245,25 @@ def sync_catalogue(model: PMMRec, config: Config, items: CatalogueItems, key: St
                      result.encoded, seconds, rate, store.path if store is not None else "none", result.wrote)
     distributed.barrier()
     return result if result is not None else SyncResult(None, 0, len(missing), "nothing")
+
+
+def _encode_missing(model: PMMRec, config: Config, items: CatalogueItems, missing: np.ndarray,
+                    device: torch.device, batch_size: int, progress: bool) -> Tensor:
+    """(len(missing), D) vectors of catalogue items ``missing`` (1-based numbers). The feature store holds those
+    items only (one changed title does not tokenise the whole catalogue again); batches hold the same items in the
+    same order either way, so the vectors are the same."""
+    encoder = model.item_encoder
+    if not (encoder.uses_text or encoder.uses_vision):  # the ID tower: the numbers are the table's rows
+        return encode_numbers(model, None, missing, device, batch_size, progress)
+    picked = missing - 1
+    rows = items.id_rows[missing] if items.id_rows is not None else missing
+    features = build_feature_store(config, encoder, [items.titles[i] for i in picked],
+                                   [items.image_refs[i] for i in picked] if items.image_refs is not None else None,
+                                   image_cache_items=0, id_rows=np.concatenate([[0], rows]).astype(np.int64))
+    try:
+        return encode_numbers(model, features, np.arange(1, len(missing) + 1), device, batch_size, progress)
+    finally:
+        features.close()  # read-only LMDB handles: persisting items later opens the database for writing
 
 
 def _plan(encoder: ItemEncoder, items: CatalogueItems, key: StoreKey, store: VectorStore | None):

@@ -252,3 +252,19 @@ def test_embeddings_of_another_model_are_an_error_naming_both(checkpoints, check
     (exported / "000002.vectors.npy").write_bytes(b"\x93NUMPY broken")
     with pytest.raises(PmmrecError, match="--embeddings .*bytes, the manifest says"):
         Recommender.from_checkpoint(checkpoint, domain, embeddings=exported)
+
+
+def test_content_and_id_vectors_keep_their_id_rows(quick_world, domain, tmp_path, encoded):
+    """``content+id``: an item's vector includes its trained ID row; re-encoding a changed item alone (from a
+    feature store of that item only) must add the right row, as encoding the whole catalogue does."""
+    checkpoint = _train(quick_world / "target", tmp_path / "hybrid", "model.item_tower=content+id", "train.lr=0.05")
+    Recommender.from_checkpoint(checkpoint, domain)
+    ids = read_domain(domain).item_ids
+    _set_title(domain, ids[70], "retitled forest owl")
+    encoded.clear()
+    rec = Recommender.from_checkpoint(checkpoint, domain)
+    assert sum(encoded) == 1
+    fresh = Recommender.from_checkpoint(checkpoint, domain, store=None)
+    torch.testing.assert_close(_vectors(rec), _vectors(fresh), atol=1e-6, rtol=1e-5)
+    ids_table = fresh.model.item_encoder.id_embedding.weight
+    assert ids_table[71].abs().max() > 1e-3  # the row added is not zero: a wrong row would show
