@@ -103,6 +103,36 @@ def test_serve_embeddings_answers_from_the_exported_store(checkpoint, quick_worl
     assert "do not apply" in capsys.readouterr().err
 
 
+def test_posted_items_are_served_after_a_restart_without_encoding(checkpoint, quick_world, tmp_path, monkeypatch):
+    import base64
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from pmmrec.data.image_db import ImageDB
+    from pmmrec.inference.vector_store import VectorStore
+    from pmmrec.models.pmmrec import PMMRec
+    from pmmrec.serving.server import build_app
+
+    domain = shutil.copytree(quick_world / "target", tmp_path / "target")
+    store = tmp_path / "store"
+    options = {"domain": str(domain), "persist_items": True, "store": str(store)}
+    db = ImageDB(domain / "images.lmdb")
+    image = base64.b64encode(db.get("ta3")).decode()
+    db.close()
+    client = TestClient(build_app(str(checkpoint), **options))
+    r = client.post("/items", json={"items": [{"item_id": "posted", "title": "sea wave ship", "image": image}]})
+    assert r.status_code == 201 and r.json()["persisted"] is True
+    assert VectorStore(store).read().ids[-1] == "posted"  # appended to the store at once
+    calls = []
+    original = PMMRec.encode_items
+    monkeypatch.setattr(PMMRec, "encode_items", lambda self, items: calls.append(1) or original(self, items))
+    restarted = TestClient(build_app(str(checkpoint), **options))
+    assert calls == []  # the whole catalogue, the posted item included, came from the store
+    assert restarted.get("/items/posted").json()["added"] is False  # now a catalogue item, from the domain
+    assert restarted.get("/health").json()["items"] == 97
+
+
 def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
