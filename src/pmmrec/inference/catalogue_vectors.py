@@ -190,17 +190,12 @@ class SyncResult:
 @contextlib.contextmanager
 def _locked(store: VectorStore) -> Iterator[None]:
     """The store's writer lock when the folder can hold one (a read-only store is still read, unlocked)."""
-    try:
-        cm = store.lock()
-        cm.__enter__()
-    except OSError as e:
-        log.debug("vector store %s: no lock (%s)", store.path, e)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock())
+        except OSError as e:
+            log.debug("vector store %s: no lock (%s)", store.path, e)
         yield
-        return
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
 
 
 def _usable(store: VectorStore, key: StoreKey) -> StoredVectors | None:
@@ -270,12 +265,15 @@ def _plan(encoder: ItemEncoder, items: CatalogueItems, key: StoreKey, store: Vec
     """(digests, the usable stored vectors or None, the item numbers to encode)."""
     digests = item_digests(encoder, items)
     stored = _usable(store, key) if store is not None else None
-    if stored is None:
-        return digests, None, np.arange(1, len(items.ids) + 1, dtype=np.int64)
-    row = {item_id: r for r, item_id in enumerate(stored.ids)}
-    missing = [n for n, item_id in enumerate(items.ids, start=1)
-               if (r := row.get(item_id)) is None or not np.array_equal(stored.digests[r], digests[n - 1])]
-    return digests, stored, np.asarray(missing, dtype=np.int64)
+    if stored is None or not stored.ids:
+        return digests, stored, np.arange(1, len(items.ids) + 1, dtype=np.int64)
+    if stored.ids == items.ids:  # the usual restart: row for row
+        same = (stored.digests == digests).all(axis=1)
+    else:
+        row = {item_id: r for r, item_id in enumerate(stored.ids)}
+        rows = np.array([row.get(item_id, -1) for item_id in items.ids], dtype=np.int64)
+        same = (rows >= 0) & (stored.digests[np.maximum(rows, 0)] == digests).all(axis=1)
+    return digests, stored, np.flatnonzero(~same).astype(np.int64) + 1
 
 
 def _assemble(items: CatalogueItems, key: StoreKey, store: VectorStore | None, digests: np.ndarray,

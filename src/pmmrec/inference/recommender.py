@@ -444,9 +444,9 @@ class Recommender:
             if persist:
                 self._check_persistable(checked)
             vectors = self._encode(checked)
-            self._store_added(checked, vectors, persist)
             if persist and self.domain is not None:
                 persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
+            self._store_added(checked, vectors, persist)  # after the domain: a failed domain write leaves it as was
             self.catalogue.append([c[0] for c in checked], vectors, [c[1] for c in checked],
                                   [c[2] for c in checked])
         log.info("added %d item(s): %s", len(checked), ", ".join(c[0] for c in checked[:5]))
