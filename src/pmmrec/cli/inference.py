@@ -79,7 +79,8 @@ def _add_store_options(p) -> None:
                    help="encode the whole catalogue at start and keep no vector store")
     p.add_argument("--embeddings", metavar="DIR",
                    help="serve the vector store written by `pmmrec export-embeddings --out DIR` as the catalogue, "
-                        "as is (it must come from this checkpoint; titles and images from --domain when given)")
+                        "as is (it must come from this checkpoint); titles and images from --domain, or the "
+                        "checkpoint's data.domain when it is there")
 
 
 def _add_inference_commands(sub) -> None:
@@ -140,7 +141,8 @@ def _add_inference_commands(sub) -> None:
                         "one batch per core at a time)")
     p.add_argument("--domain", help=domain_help)
     p.add_argument("--persist-items", action="store_true",
-                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")
+                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb) "
+                        "and, with --embeddings, into that vector store")
     p.add_argument("--compare", metavar="CHECKPOINT",
                    help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
                         "over the same catalogue")
