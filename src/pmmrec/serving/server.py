@@ -23,10 +23,12 @@ def _check_server_deps() -> None:
 
 
 def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
-              workers: int = 1, unknown_items: str = "skip", compare: str | None = None):
-    """The app for one process: load the checkpoint, encode the catalogue, wrap it in :func:`create_app`.
+              workers: int = 1, unknown_items: str = "skip", compare: str | None = None, store: str | None = "auto",
+              embeddings: str | None = None):
+    """The app for one process: load the checkpoint and the catalogue's vectors, wrap them in :func:`create_app`.
 
-    ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain.
+    ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain. ``store`` and
+    ``embeddings``: where the item vectors come from (``Recommender.from_checkpoint``).
     """
     import torch
 
@@ -35,10 +37,12 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     from pmmrec.serving.explorer import model_name
 
     # Loading encodes the catalogue: with all of torch's threads. Serving then scores batches side by side.
-    recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items)
+    recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items, store=store,
+                                              embeddings=embeddings)
     other = None
     if compare is not None:
-        other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items)
+        other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items,
+                                            store=None if store is None else "auto")
     threads = threads or 1
     torch.set_num_threads(threads)
     refusal = None
@@ -74,8 +78,12 @@ def app_from_env():
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, domain: str | None = None,
           threads: int | None = None, persist_items: bool = False, unknown_items: str = "skip",
-          log_level: str = "info", compare: str | None = None) -> None:
-    """Run the service until interrupted (the explorer page at ``/``; ``compare``: a second checkpoint on it)."""
+          log_level: str = "info", compare: str | None = None, store: str | None = "auto",
+          embeddings: str | None = None) -> None:
+    """Run the service until interrupted (the explorer page at ``/``; ``compare``: a second checkpoint on it).
+
+    ``store``: the catalogue's vector store (``"auto"``: beside the checkpoint; a folder; None: none);
+    ``embeddings``: serve an exported store as the catalogue (see ``Recommender.from_checkpoint``)."""
     _check_server_deps()
     import uvicorn
 
@@ -87,7 +95,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
         log.warning("binding to %s: the service has no authentication; anyone who can reach this address can "
                     "use it%s", host, " and add items" if workers == 1 else "")
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
-               "workers": workers, "unknown_items": unknown_items, "compare": compare}
+               "workers": workers, "unknown_items": unknown_items, "compare": compare, "store": store,
+               "embeddings": embeddings}
     if workers == 1:
         app = build_app(**options)  # load before binding, so a bad checkpoint fails here with one line
         uvicorn.run(app, host=host, port=port, log_level=log_level)
