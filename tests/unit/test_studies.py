@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -22,10 +23,8 @@ def test_wall_seconds_is_written_while_the_run_goes_and_summed_over_sessions(tmp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(studies, "pmmrec", interrupted)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         studies.run_folder(folder, ["train", f"run.dir={folder}"], threads=1)
-    except KeyboardInterrupt:
-        pass
     first = float((folder / "wall_seconds").read_text())
     assert 0.1 <= seen[0] <= first and first >= 0.3
 
