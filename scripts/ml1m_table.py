@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-from studies import REPO, pmmrec, run_folder
+from studies import REPO, pmmrec, require_movielens, run_folder
 
 from pmmrec.utils.io import atomic_write_text
 
@@ -43,9 +42,7 @@ METRICS = [("exclude_history", "HR@10"), ("exclude_history", "NDCG@10"), ("exclu
 def prepare(data: Path, out: Path, threads: int) -> Path:
     domain = out / "data" / "ml1m"
     if not (domain / "users.tsv").is_file():
-        for name in ("ratings.csv", "movies.csv", "posters"):
-            if not (data / name).exists():
-                sys.exit(f"{data / name} is missing: point --data at the MovieLens-1M folder")
+        require_movielens(data)
         pmmrec("data", "prepare", str(data / "ratings.csv"), str(data / "movies.csv"), "--out", str(domain),
                "--images", str(data / "posters"), threads=threads)
     return domain

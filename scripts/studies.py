@@ -23,6 +23,13 @@ def pmmrec(*args: str, threads: int) -> None:
     subprocess.run([sys.executable, "-m", "pmmrec", *args], check=True, env=env)
 
 
+def require_movielens(data: Path) -> None:
+    """Stop with a clear message unless ``data`` holds MovieLens-1M (ratings.csv, movies.csv, posters/)."""
+    for name in ("ratings.csv", "movies.csv", "posters"):
+        if not (data / name).exists():
+            sys.exit(f"{data / name} is missing: point --data at the MovieLens-1M folder")
+
+
 def run_folder(folder: Path, words: list[str], threads: int, resumable: bool = True) -> dict:
     """``results.json`` of the run in ``folder``, made first by ``pmmrec WORDS`` if missing (WORDS write the run
     there, e.g. with ``run.dir=FOLDER``, and end with the key=value overrides; ``--resume`` is added after them

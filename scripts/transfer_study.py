@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studies import REPO, pmmrec, run_folder
+from studies import REPO, pmmrec, require_movielens, run_folder
 
 from pmmrec.utils.io import atomic_write_text
 
@@ -61,9 +60,7 @@ class Study:
 def prepare(data: Path, study: Study) -> Path:
     root = study.out / "data" / "genres"
     if not (root / TARGET / "users.tsv").is_file():
-        for name in ("ratings.csv", "movies.csv", "posters"):
-            if not (data / name).exists():
-                sys.exit(f"{data / name} is missing: point --data at the MovieLens-1M folder")
+        require_movielens(data)
         groups = [arg for group in GROUPS for arg in ("--group", group)]
         pmmrec("data", "prepare", str(data / "ratings.csv"), str(data / "movies.csv"), "--out", str(root),
                "--images", str(data / "posters"), "--split-by", "genres", *groups, threads=study.threads)
