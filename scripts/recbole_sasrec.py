@@ -17,7 +17,7 @@ fills NaN with ``df[col].fillna(..., inplace=True)``, which pandas 3's copy-on-w
 Usage::
 
     /work/recbole-venv/bin/python scripts/recbole_sasrec.py --data recbole/ml1m --out recbole-ml1m.json \\
-        [--epochs 200] [--seed 0] [--max-seq-len 50] [--threads 2] [--workdir DIR]
+        [--epochs 200] [--seed 0] [--max-seq-len 50] [--threads 2] [--gpu] [--max-minutes M] [--workdir DIR]
 
 ``--data`` is the exported folder (its name, or the manifest's ``name``, is the RecBole dataset name);
 ``--max-seq-len`` defaults to the manifest's ``split.max_seq_len`` and may not be smaller (SASRec's position
@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MAX_ITEM_LIST_LENGTH (default: the manifest's split.max_seq_len)")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no training epoch after this many minutes; then test the best epoch so far "
+                        "(the --out JSON then says `stopped: time limit ...`)")
     p.add_argument("--patience", type=int, default=10, help="RecBole stopping_step (validations without gain)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--inner-size", type=int, default=None, help="FFN width (default: 4 x hidden size)")
@@ -169,6 +172,26 @@ def check_item_file(path: Path) -> None:
             if bad is not None:
                 sys.exit(f"{path}:{number}: field {bad!r} starts with a double quote, which RecBole's reader "
                          "(pandas, quotechar '\"') takes for CSV quoting; use --no-item-file, or fix the export")
+
+
+class OutOfTime(Exception):
+    """Raised before a training epoch once --max-minutes have passed."""
+
+
+def restore_numpy_aliases() -> None:
+    """Give numpy >= 2 back the aliases RecBole 1.2.1 reads, so that it runs where numpy 2 is the only choice.
+
+    ``Config`` runs ``np.float = np.float_`` (and ``complex_``, ``unicode_``), and RecBole's metrics use ``np.float``
+    and ``np.bool``: numpy 2 removed the trailing-underscore names, and reading one raises AttributeError. Each name
+    is set only when missing, to the type it was an alias of, so numpy 1 is left untouched. (Where pip can install
+    ``numpy<2``, as in the venv above, that works too; GPU images often come with numpy 2 and packages built on it.)
+    """
+    import numpy as np
+
+    for alias, value in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_,
+                         "string_": np.bytes_, "bool8": np.bool_}.items():
+        if alias not in np.__dict__:
+            setattr(np, alias, value)
 
 
 def recbole_settings(args: argparse.Namespace, max_seq_len: int, data_path: str, workdir: Path) -> dict:
@@ -266,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
+        restore_numpy_aliases()
         import recbole
         from recbole.config import Config
         from recbole.data import create_dataset, data_preparation
@@ -297,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         train_epoch, valid_epoch, save = trainer._train_epoch, trainer._valid_epoch, trainer._save_checkpoint
 
         def timed_train(*a, **kw):
+            if args.max_minutes is not None and time.perf_counter() - train_start > 60 * args.max_minutes:
+                raise OutOfTime  # before an epoch starts: the best checkpoint so far is complete on disk
             t = time.perf_counter()
             try:
                 return train_epoch(*a, **kw)
@@ -316,7 +342,15 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer._train_epoch, trainer._valid_epoch, trainer._save_checkpoint = timed_train, timed_valid, save_best
         train_start = time.perf_counter()
-        _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+        try:
+            _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+            stopped = "early stopping" if len(epoch_s) < args.epochs else "max epochs"
+        except OutOfTime:
+            if best["epoch"] is None:
+                sys.exit(f"--max-minutes {args.max_minutes}: no epoch finished in time, nothing to test")
+            best_valid, stopped = trainer.best_valid_result, f"time limit (--max-minutes {args.max_minutes})"
+            logger.warning(f"stopped by --max-minutes {args.max_minutes} after {len(epoch_s)} epochs; "
+                           f"testing the best epoch so far ({best['epoch']})")
         train_s = time.perf_counter() - train_start
         test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
         wall_s = time.perf_counter() - start
@@ -332,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "valid": {"include_history": pmmrec_metrics(best_valid)},
         "test": {"include_history": pmmrec_metrics(test)},
         "protocol": "include_history (RecBole full sort: only the padding item is masked for sequential models)",
-        "best_epoch": best["epoch"], "epochs_run": len(epoch_s), "max_epochs": args.epochs,
+        "best_epoch": best["epoch"], "epochs_run": len(epoch_s), "max_epochs": args.epochs, "stopped": stopped,
         "seed": args.seed, "max_seq_len": max_seq_len,
         "users": manifest["users"], "items": manifest["items"], "recbole_items": dataset.item_num - 1, "rows": rows,
         "wall_seconds": round(wall_s, 3), "setup_seconds": round(setup_s, 3), "train_seconds": round(train_s, 3),
