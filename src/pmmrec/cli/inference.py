@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pmmrec.serving.server import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
-          threads=args.threads, persist_items=args.persist_items, compare=args.compare)
+          threads=args.threads, persist_items=args.persist_items, compare=args.compare, index=args.index,
+          exact_max_items=args.exact_max_items)
 
 
 def _add_inference_commands(sub) -> None:
@@ -115,3 +116,10 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--compare", metavar="CHECKPOINT",
                    help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
                         "over the same catalogue")
+    p.add_argument("--index", choices=["auto", "exact", "hnsw", "ivf"], default="auto",
+                   help="top-K search: exact scores every item; hnsw or ivf take candidates from a faiss index "
+                        "(needs faiss-cpu) and re-rank them exactly, history still excluded; auto (default): exact "
+                        "up to --exact-max-items items, hnsw above")
+    p.add_argument("--exact-max-items", type=int, default=None, metavar="N",
+                   help="--index auto: the largest catalogue scored exactly (default 100000, provisional: confirm "
+                        "with `pmmrec bench serve` on your machine)")

@@ -37,6 +37,7 @@ from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import topk_items
+from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
@@ -97,11 +98,20 @@ class Recommender:
 
     def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
                  device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
-                 shortlist: bool | None = None):
+                 shortlist: bool | None = None, index: IndexKind = "auto", index_settings: IndexSettings | None = None):
         """``shortlist``: score large catalogues with a certified bfloat16 first pass
-        (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster."""
+        (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
+
+        ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index built here
+        and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
+        ``index_settings.exact_max_items`` items (:data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`) and
+        approximate above. The choice is made once, on the catalogue as given; items added later are searched
+        exactly beside the index.
+        """
         if unknown_items not in ("skip", "reject"):
             raise PmmrecError(f"unknown_items must be 'skip' or 'reject', got {unknown_items!r}")
+        self.index_settings = index_settings if index_settings is not None else IndexSettings()
+        self.index = resolve_index(index, len(catalogue), self.index_settings)  # exact, hnsw or ivf
         self.model = model.eval()
         self.config = config
         self.catalogue = catalogue
@@ -116,22 +126,29 @@ class Recommender:
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
         self.shortlist = shortlist
         self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
+        # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
+        # every later snapshot, whose added items it searches exactly.
+        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().vectors, self.index,
+                                                                        self.index_settings)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, domain: str | os.PathLike | None = None, *,
                         device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                         batch_size: int = 256, progress: bool = False,
-                        overrides: Sequence[str] = ()) -> Recommender:
+                        overrides: Sequence[str] = (), index: IndexKind = "auto",
+                        index_settings: IndexSettings | None = None) -> Recommender:
         """Rebuild the model of a checkpoint and encode the catalogue of ``domain`` (default: its data.domain).
 
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
         over the items it was trained on, which the checkpoint lists itself (``domain`` then only adds titles).
         ``overrides`` change the checkpoint's stored config as on the command line, e.g.
         ``["data.missing_image=blank"]`` for a vision model on a catalogue where some items have no image.
+        ``index`` and ``index_settings``: exact or approximate search, as in the constructor.
         """
         if isinstance(overrides, str):
             raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
+        check_index(index)  # before the catalogue is encoded
         device = torch.device(device)
         loaded = load_model(path, list(overrides), device=device)
         model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
@@ -144,7 +161,7 @@ class Recommender:
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
-                       unknown_items=unknown_items)
+                       unknown_items=unknown_items, index=index, index_settings=index_settings)
         catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
                                        missing_image=config.data.missing_image if config.model.uses_images else None)
         vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress,
@@ -154,9 +171,15 @@ class Recommender:
         catalogue = Catalogue(catalogue_domain.item_ids, vectors.cpu(), catalogue_domain.titles, refs, present)
         log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
                  config.model.modality, config.model.fusion, catalogue.dim)
-        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items)
+        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items, index=index,
+                   index_settings=index_settings)
 
     # ----------------------------------------------------------------------------------------------- queries
+    @property
+    def approximate_index(self) -> ApproximateIndex | None:
+        """The faiss index candidates come from (``index`` hnsw or ivf), or None when scoring exactly."""
+        return self._ann
+
     def __len__(self) -> int:
         return len(self.catalogue)
 
@@ -249,8 +272,10 @@ class Recommender:
             users = self._user_vectors(snap, [p[1] for p in parsed])  # (U, D)
             width = min(max(p[3] for p in parsed), snap.count)
             exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
-            scorer = self._shortlist_scorer(snap)
-            if scorer is not None:
+            scorer = self._shortlist_scorer(snap) if self._ann is None else None
+            if self._ann is not None:
+                scores, items = self._ann.topk(users, snap.vectors, width, exclude)  # (U, width)
+            elif scorer is not None:
                 scores, items = scorer.topk(users, width, exclude)  # (U, width)
             else:
                 scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)
