@@ -223,3 +223,9 @@ def test_serve_builds_the_index_it_is_told(checkpoint, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--checkpoint", str(checkpoint), "--index", "annoy"])
     assert e.value.code == 2 and "invalid choice: 'annoy'" in capsys.readouterr().err
+
+
+def test_recall_at_k_by_hand():
+    assert recall_at_k([["a", "b"], ["c", "x"]], [["b", "a"], ["c", "d"]]) == 0.75  # (2/2 + 1/2) / 2
+    assert recall_at_k([["a"], []], [["z"], []]) == 0.0  # a user with nothing to find is left out
+    assert recall_at_k([], []) == 1.0
