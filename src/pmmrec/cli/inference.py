@@ -56,9 +56,12 @@ def cmd_export_embeddings(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pmmrec.serving.server import serve
 
+    options = {name: value for name, value in (("exact_max_items", args.exact_max_items),
+                                               ("hnsw_ef_search", args.ef_search), ("ivf_nprobe", args.nprobe))
+               if value is not None}
     serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
           threads=args.threads, persist_items=args.persist_items, compare=args.compare, index=args.index,
-          exact_max_items=args.exact_max_items)
+          index_options=options)
 
 
 def _add_inference_commands(sub) -> None:
@@ -123,3 +126,7 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--exact-max-items", type=int, default=None, metavar="N",
                    help="--index auto: the largest catalogue scored exactly (default 100000, provisional: confirm "
                         "with `pmmrec bench serve` on your machine)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="hnsw: candidate list per search (default 512; higher: better recall, slower)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="ivf: lists visited per search (default 64; higher: better recall, slower)")

@@ -42,11 +42,13 @@ log = logging.getLogger(__name__)
 IndexKind = Literal["auto", "exact", "hnsw", "ivf"]
 INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "hnsw", "ivf")
 # Provisional, to be confirmed by `pmmrec bench serve` on an idle machine (README "Recommending and serving").
-# Exact scoring is linear in the catalogue: bench eval ranks 1,000,000 items x dim 64 at ~1.9 ms a user on one core,
-# ~10x the cost at 100,000 items; and at 100,000 items bench serve's p99 (50 clients, 2 cores) is already at the
-# 50 ms target (median 46.6 ms of 9 runs). Past ~100,000 items exact scoring cannot hold that p99 on 2 cores.
+# Exact scoring is linear in the catalogue (bench eval: 518 users/s against 1,000,000 items of dim 64 on 2 cores,
+# ~1.9 ms a user, 10x the cost at 100,000 items), and at 100,000 items bench serve's p99 (50 clients, 2 cores) is
+# already at the 50 ms target (median 46.6 ms of 9 runs): past that, exact scoring cannot hold it on 2 cores.
 AUTO_EXACT_MAX_ITEMS = 100_000
-AUTO_KIND = "hnsw"  # what `auto` uses above the threshold: the better recall at equal cost in `bench recall`
+# What `auto` uses above the threshold. bench recall, 100,000 items, recall@10 (random / clustered vectors): HNSW at
+# its defaults 1.000 / 0.993; IVF at nprobe 64 0.51 / 0.66, and 0.83 / 0.90 still at nprobe 256 (README).
+AUTO_KIND = "hnsw"
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ class IndexSettings:
     exact_max_items: int = AUTO_EXACT_MAX_ITEMS  # `auto`: exact at or below this many items, approximate above
     margin: int = 32  # candidates fetched beyond k + the items to exclude
     hnsw_m: int = 32  # graph neighbours per node (faiss IndexHNSWFlat M): memory ~ 2 M int32 per item
-    hnsw_ef_construction: int = 80  # candidate list while building (faiss default 40): a better graph
-    hnsw_ef_search: int = 256  # candidate list while searching; faiss uses max(efSearch, candidates fetched)
+    # Candidate list while building (faiss default 40). A better graph, at twice the build time of 200: on 100,000
+    # clustered items recall@10 at efSearch 512 was 0.959 with 200 and 0.993 with 400.
+    hnsw_ef_construction: int = 400
+    hnsw_ef_search: int = 512  # candidate list while searching; faiss uses max(efSearch, candidates fetched)
     ivf_nlist: int | None = None  # IVF inverted lists; None: 4 * sqrt(N), the usual rule of thumb
     ivf_nprobe: int = 64  # lists visited per query
 
@@ -65,8 +69,9 @@ class IndexSettings:
         for name in ("exact_max_items", "margin", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
                      "ivf_nprobe"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "margin" else 1):
-                raise PmmrecError(f"index setting {name} must be a positive integer, got {value!r}")
+            least = 0 if name == "margin" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise PmmrecError(f"index setting {name} must be an integer >= {least}, got {value!r}")
         if self.ivf_nlist is not None and (not isinstance(self.ivf_nlist, int) or self.ivf_nlist < 1):
             raise PmmrecError(f"index setting ivf_nlist must be a positive integer or None, got {self.ivf_nlist!r}")
 
@@ -154,6 +159,10 @@ class ApproximateIndex:
             rows = np.random.default_rng(seed).choice(self.count, sample, replace=False) if sample < self.count \
                 else np.arange(self.count)
             index.cp.seed = seed
+            # Spherical k-means (unit centroids): with inner-product assignment, unnormalised centroids of large
+            # norm take most items and a probe scans a few huge lists (measured on 20,000 random items: the
+            # largest list 16x the mean without, 1.4x with); recall at a given nprobe is higher with it too.
+            index.cp.spherical = True
             index.train(items[np.sort(rows)])
             index.nprobe = min(s.ivf_nprobe, nlist)
             self._quantizer = quantizer  # the IVF index does not own it: keep it alive as long as the index

@@ -24,11 +24,12 @@ def _check_server_deps() -> None:
 
 def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
               workers: int = 1, unknown_items: str = "skip", compare: str | None = None, index: str = "auto",
-              exact_max_items: int | None = None):
+              index_options: dict | None = None):
     """The app for one process: load the checkpoint, encode the catalogue, wrap it in :func:`create_app`.
 
     ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain. ``index`` and
-    ``exact_max_items``: exact or approximate top-K (:mod:`pmmrec.inference.ann`), for both models.
+    ``index_options`` (fields of :class:`~pmmrec.inference.ann.IndexSettings`): exact or approximate top-K, for
+    both models.
     """
     import torch
 
@@ -37,7 +38,7 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     from pmmrec.serving.app import create_app
     from pmmrec.serving.explorer import model_name
 
-    settings = IndexSettings() if exact_max_items is None else IndexSettings(exact_max_items=exact_max_items)
+    settings = IndexSettings(**(index_options or {}))
     # Loading encodes the catalogue (and builds an approximate index) with all of torch's threads. Serving then
     # scores batches side by side.
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items, index=index,
@@ -82,17 +83,17 @@ def app_from_env():
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, domain: str | None = None,
           threads: int | None = None, persist_items: bool = False, unknown_items: str = "skip",
           log_level: str = "info", compare: str | None = None, index: str = "auto",
-          exact_max_items: int | None = None) -> None:
+          index_options: dict | None = None) -> None:
     """Run the service until interrupted (the explorer page at ``/``; ``compare``: a second checkpoint on it;
-    ``index``, ``exact_max_items``: see :func:`build_app`)."""
+    ``index``, ``index_options``: see :func:`build_app`)."""
     _check_server_deps()
     import uvicorn
 
     from pmmrec.inference.ann import IndexSettings, check_index
 
-    check_index(index)  # a bad value or a missing faiss: one line now, not once the catalogue is loaded
-    if exact_max_items is not None:
-        IndexSettings(exact_max_items=exact_max_items)  # raises on a value that is not a positive integer
+    # A bad value or a missing faiss: one line now, not once the catalogue is encoded.
+    check_index(index)
+    IndexSettings(**(index_options or {}))
     if workers < 1:
         raise PmmrecError(f"--workers must be at least 1, got {workers}")
     if not 0 <= port <= 65535:
@@ -102,7 +103,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
                     "use it%s", host, " and add items" if workers == 1 else "")
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
                "workers": workers, "unknown_items": unknown_items, "compare": compare, "index": index,
-               "exact_max_items": exact_max_items}
+               "index_options": index_options}
     if workers == 1:
         app = build_app(**options)  # load before binding, so a bad checkpoint fails here with one line
         uvicorn.run(app, host=host, port=port, log_level=log_level)

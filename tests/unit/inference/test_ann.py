@@ -212,17 +212,24 @@ def test_serve_builds_the_index_it_is_told(checkpoint, monkeypatch, capsys):
     from pmmrec.cli import main
     from pmmrec.serving import server
 
-    app = server.build_app(str(checkpoint), index="ivf", exact_max_items=10)
-    assert app.state.recommender.index == "ivf" and app.state.recommender.approximate_index is not None
-    app = server.build_app(str(checkpoint), exact_max_items=10)  # auto over 96 items, above 10: approximate
+    app = server.build_app(str(checkpoint), index="ivf", index_options={"ivf_nprobe": 1})
+    assert app.state.recommender.index == "ivf" and app.state.recommender.approximate_index.index.nprobe == 1
+    app = server.build_app(str(checkpoint), index_options={"exact_max_items": 10})  # auto: 96 items, above 10
     assert app.state.recommender.index == AUTO_KIND
     seen = {}
     monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: seen.update(kw))
-    assert main(["serve", "--checkpoint", str(checkpoint), "--index", "hnsw", "--exact-max-items", "5"]) == 0
-    assert seen["index"] == "hnsw" and seen["exact_max_items"] == 5
+    assert main(["serve", "--checkpoint", str(checkpoint), "--index", "hnsw", "--exact-max-items", "5",
+                 "--ef-search", "64", "--nprobe", "8"]) == 0
+    assert seen["index"] == "hnsw"
+    assert seen["index_options"] == {"exact_max_items": 5, "hnsw_ef_search": 64, "ivf_nprobe": 8}
+    assert main(["serve", "--checkpoint", str(checkpoint)]) == 0
+    assert seen["index"] == "auto" and seen["index_options"] == {}
     with pytest.raises(SystemExit) as e:
         main(["serve", "--checkpoint", str(checkpoint), "--index", "annoy"])
     assert e.value.code == 2 and "invalid choice: 'annoy'" in capsys.readouterr().err
+    monkeypatch.undo()  # the real serve: a bad setting is one line before anything is loaded
+    assert main(["serve", "--checkpoint", str(checkpoint), "--nprobe", "0"]) == 2
+    assert "ivf_nprobe must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_recall_at_k_by_hand():
