@@ -46,8 +46,9 @@ INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "hnsw", "ivf")
 # ~1.9 ms a user, 10x the cost at 100,000 items), and at 100,000 items bench serve's p99 (50 clients, 2 cores) is
 # already at the 50 ms target (median 46.6 ms of 9 runs): past that, exact scoring cannot hold it on 2 cores.
 AUTO_EXACT_MAX_ITEMS = 100_000
-# What `auto` uses above the threshold. bench recall, 100,000 items, recall@10 (random / clustered vectors): HNSW at
-# its defaults 1.000 / 0.993; IVF at nprobe 64 0.51 / 0.66, and 0.83 / 0.90 still at nprobe 256 (README).
+# What `auto` uses above the threshold. bench recall, recall@10 (random / clustered vectors): HNSW at its defaults
+# 1.000 / 0.976 at 100,000 items and 1.000 / 0.991 at 300,000; IVF at 100,000 items 0.51 / 0.66 at nprobe 64, and
+# still 0.83 / 0.90 at nprobe 256 (README).
 AUTO_KIND = "hnsw"
 
 
@@ -57,9 +58,13 @@ class IndexSettings:
 
     exact_max_items: int = AUTO_EXACT_MAX_ITEMS  # `auto`: exact at or below this many items, approximate above
     margin: int = 32  # candidates fetched beyond k + the items to exclude
-    hnsw_m: int = 32  # graph neighbours per node (faiss IndexHNSWFlat M): memory ~ 2 M int32 per item
+    # Graph neighbours per node (faiss IndexHNSWFlat M); the bottom layer holds 2 M int32 an item (512 bytes at 64,
+    # twice a dim-64 vector). bench recall on clustered items at efSearch 512: 0.935 with 32 and 0.991 with 64 at
+    # 300,000 items (efSearch 2048 took 32 only to ~0.976: the graph, not the search, limited it), though 0.993 and
+    # 0.976 at 100,000. Random items: 0.993 and 1.000 at 300,000.
+    hnsw_m: int = 64
     # Candidate list while building (faiss default 40). A better graph, at twice the build time of 200: on 100,000
-    # clustered items recall@10 at efSearch 512 was 0.959 with 200 and 0.993 with 400.
+    # clustered items recall@10 at efSearch 512 (M=32) was 0.959 with 200 and 0.993 with 400.
     hnsw_ef_construction: int = 400
     hnsw_ef_search: int = 512  # candidate list while searching; faiss uses max(efSearch, candidates fetched)
     ivf_nlist: int | None = None  # IVF inverted lists; None: 4 * sqrt(N), the usual rule of thumb
