@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from pmmrec.utils.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+TICK = 30.0  # seconds between two writes of a running run's wall_seconds
 
 
 def pmmrec(*args: str, threads: int) -> None:
@@ -23,20 +25,30 @@ def pmmrec(*args: str, threads: int) -> None:
 
 def run_folder(folder: Path, words: list[str], threads: int, resumable: bool = True) -> dict:
     """``results.json`` of the run in ``folder``, made first by ``pmmrec WORDS`` if missing (WORDS write the run
-    there, e.g. with ``run.dir=FOLDER``; ``--resume`` is added when an earlier session left checkpoints). ``wall_seconds`` in the result is the time of every
-    session of the run, an interrupted one included."""
-    results = folder / "results.json"
+    there, e.g. with ``run.dir=FOLDER``, and end with the key=value overrides; ``--resume`` is added after them
+    when an earlier session left checkpoints). ``wall_seconds`` in the result is the time of every session of the
+    run, an interrupted one included: it is rewritten every ``TICK`` seconds while the run goes, so a session
+    killed outright loses at most that much."""
+    results, spent = folder / "results.json", folder / "wall_seconds"
     if not results.is_file():
         resume = ["--resume"] if resumable and (folder / "checkpoints").is_dir() else []
-        started = time.perf_counter()
+        before = float(spent.read_text()) if spent.is_file() else 0.0
+        started, done = time.perf_counter(), threading.Event()
+
+        def record() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(spent, f"{before + time.perf_counter() - started:.1f}\n")
+
+        def tick() -> None:
+            while not done.wait(TICK):
+                record()
+
+        threading.Thread(target=tick, daemon=True).start()
         try:
             pmmrec(*words, *resume, threads=threads)
         finally:
-            spent = folder / "wall_seconds"
-            before = float(spent.read_text()) if spent.is_file() else 0.0
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(spent, f"{before + time.perf_counter() - started:.1f}\n")
+            done.set()
+            record()
     out = json.loads(results.read_text())
-    spent = folder / "wall_seconds"
     out["wall_seconds"] = float(spent.read_text()) if spent.is_file() else None
     return out

@@ -37,9 +37,20 @@ def test_recommend_and_export_commands(checkpoint, tmp_path, capsys):
     assert main(["recommend", "--checkpoint", str(checkpoint), "--history", "ta3", "-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "1"
-    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "v.npy")]) == 0
-    assert np.load(tmp_path / "v.npy").shape == (96, 32)
-    assert len((tmp_path / "v.ids.txt").read_text().split()) == 96
+    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "v")]) == 0
+    assert "wrote 96 item vectors of dimension 32 to the vector store" in capsys.readouterr().out
+    assert np.load(tmp_path / "v" / "000001.vectors.npy").shape == (96, 32)
+    assert len((tmp_path / "v" / "000001.ids.txt").read_text().split()) == 96
+    # Again into the same store: nothing to encode.
+    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "v")]) == 0
+    assert "(version 1: 0 encoded, 96 reused)" in capsys.readouterr().out
+    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "v.npy")]) == 2
+    assert "writes a vector store, a folder" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "notes")]) == 2
+    assert "not a vector store's (todo.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and loads the model: about 10 s
@@ -66,6 +77,60 @@ def test_serve_command_runs_a_server(checkpoint):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_serve_embeddings_answers_from_the_exported_store(checkpoint, quick_world, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from pmmrec.serving.server import build_app
+
+    store = tmp_path / "exported"
+    assert main(["export-embeddings", "--checkpoint", str(checkpoint), "--out", str(store)]) == 0
+    client = TestClient(build_app(str(checkpoint), embeddings=str(store)))
+    assert client.get("/health").json()["items"] == 96
+    r = client.post("/recommend", json={"history": ["ta3", "ta17"], "k": 3})
+    assert r.status_code == 200 and len(r.json()["items"]) == 3
+    # Another model's checkpoint against that store: one line naming both digests, exit status 2.
+    run = tmp_path / "other"
+    fit(load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={quick_world / 'target'}", f"run.dir={run}",
+                                                     "train.max_steps=1", "seed=3"]))
+    capsys.readouterr()
+    assert main(["serve", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--embeddings", str(store)]) == 2
+    err = capsys.readouterr().err
+    weights = json.loads((store / "store.json").read_text())["key"]["weights"]
+    assert err.startswith("pmmrec: error: --embeddings") and weights in err and err.count("weights") == 2
+    assert main(["serve", "--checkpoint", str(checkpoint), "--embeddings", str(store), "--no-store"]) == 2
+    assert "do not apply" in capsys.readouterr().err
+
+
+def test_posted_items_are_served_after_a_restart_without_encoding(checkpoint, quick_world, tmp_path, monkeypatch):
+    import base64
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from pmmrec.data.image_db import ImageDB
+    from pmmrec.inference.vector_store import VectorStore
+    from pmmrec.models.pmmrec import PMMRec
+    from pmmrec.serving.server import build_app
+
+    domain = shutil.copytree(quick_world / "target", tmp_path / "target")
+    store = tmp_path / "store"
+    options = {"domain": str(domain), "persist_items": True, "store": str(store)}
+    db = ImageDB(domain / "images.lmdb")
+    image = base64.b64encode(db.get("ta3")).decode()
+    db.close()
+    client = TestClient(build_app(str(checkpoint), **options))
+    r = client.post("/items", json={"items": [{"item_id": "posted", "title": "sea wave ship", "image": image}]})
+    assert r.status_code == 201 and r.json()["persisted"] is True
+    assert VectorStore(store).read().ids[-1] == "posted"  # appended to the store at once
+    calls = []
+    original = PMMRec.encode_items
+    monkeypatch.setattr(PMMRec, "encode_items", lambda self, items: calls.append(1) or original(self, items))
+    restarted = TestClient(build_app(str(checkpoint), **options))
+    assert calls == []  # the whole catalogue, the posted item included, came from the store
+    assert restarted.get("/items/posted").json()["added"] is False  # now a catalogue item, from the domain
+    assert restarted.get("/health").json()["items"] == 97
 
 
 def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):

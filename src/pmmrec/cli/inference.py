@@ -29,7 +29,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     if not history:
         raise PmmrecError("--history is empty: give item ids separated by spaces, e.g. --history 'i1 i2 i3'")
     recommender = Recommender.from_checkpoint(args.checkpoint, args.domain,
-                                              unknown_items="reject" if args.strict else "skip")
+                                              unknown_items="reject" if args.strict else "skip",
+                                              store=_store_arg(args), embeddings=args.embeddings)
     result = recommender.recommend_many([history], args.k, not args.include_history)[0]
     if result.unknown:
         log.warning("skipped %d unknown item id(s): %s", len(result.unknown), " ".join(result.unknown[:10]))
@@ -44,13 +45,13 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_export_embeddings(args: argparse.Namespace) -> None:
-    from pmmrec.inference import Recommender
-    from pmmrec.inference.export import export_embeddings
+    from pmmrec.inference.export import export_store
 
-    recommender = Recommender.from_checkpoint(args.checkpoint, args.domain)
-    done = export_embeddings(recommender, args.out, args.ids, args.faiss, args.faiss_kind)
-    print(f"wrote {done.count} item vectors of dimension {done.dim} to {done.vectors}, ids to {done.ids}"
-          + (f", faiss index to {done.index}" if done.index else ""))
+    done = export_store(args.checkpoint, args.out, args.domain, args.overrides, args.faiss, args.faiss_kind)
+    if done is not None and _prints():
+        print(f"wrote {done.count} item vectors of dimension {done.dim} to the vector store {done.store} "
+              f"(version {done.version}: {done.encoded} encoded, {done.reused} reused)"
+              + (f", faiss index to {done.index}" if done.index else ""))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -60,8 +61,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                                ("hnsw_ef_search", args.ef_search), ("ivf_nprobe", args.nprobe))
                if value is not None}
     serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
-          threads=args.threads, persist_items=args.persist_items, compare=args.compare, index=args.index,
-          index_options=options)
+          threads=args.threads, persist_items=args.persist_items, compare=args.compare, store=_store_arg(args),
+          embeddings=args.embeddings, index=args.index, index_options=options)
+
+
+def _store_arg(args: argparse.Namespace) -> str | None:
+    """``store=`` of Recommender.from_checkpoint: ``"auto"`` (beside the checkpoint), a folder, or None."""
+    if args.no_store and args.store:
+        raise PmmrecError("--store and --no-store contradict each other: give one")
+    if args.embeddings and (args.store or args.no_store):
+        raise PmmrecError("--embeddings serves that store as is: --store and --no-store do not apply")
+    return None if args.no_store else (args.store or "auto")
+
+
+def _add_store_options(p) -> None:
+    p.add_argument("--store", metavar="DIR",
+                   help="the catalogue's vector store: item vectors reused across starts, only new or changed items "
+                        "encoded (default: beside the checkpoint, CHECKPOINT_NAME.vectors/DOMAIN-HASH)")
+    p.add_argument("--no-store", action="store_true",
+                   help="encode the whole catalogue at start and keep no vector store")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help="serve the vector store written by `pmmrec export-embeddings --out DIR` as the catalogue, "
+                        "as is (it must come from this checkpoint); titles and images from --domain, or the "
+                        "checkpoint's data.domain when it is there")
 
 
 def _add_inference_commands(sub) -> None:
@@ -87,17 +109,24 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--include-history", action="store_true", help="allow items of the history to be recommended")
     p.add_argument("--strict", action="store_true", help="fail on unknown ids (default: skip them with a warning)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = _command(sub, "export-embeddings", "write item vectors (.npy) and their ids, optionally a faiss index",
-                 "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out items.npy "
-                 "--faiss items.faiss",
+    _add_store_options(p)
+    p = _command(sub, "export-embeddings",
+                 "write the catalogue's item vectors as a vector store (float32 .npy, ids, content digests), "
+                 "optionally a faiss index; under torchrun the catalogue is shared out to the processes",
+                 "pmmrec export-embeddings --checkpoint runs/x/checkpoints/best.pt --out runs/x/items "
+                 "[--faiss items.faiss]  (parallel: torchrun --nproc_per_node 4 -m pmmrec export-embeddings ...)",
                  cmd_export_embeddings)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train/pretrain/transfer")
-    p.add_argument("--out", required=True, help="the vectors file (.npy, float32, one row per item)")
-    p.add_argument("--ids", help="the ids file, one per line in row order (default: OUT with .ids.txt)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the vector store folder (new, empty, or a store to bring up to date: only items new or "
+                        "changed since are encoded); `pmmrec serve --embeddings DIR` serves it")
     p.add_argument("--domain", help=domain_help)
     p.add_argument("--faiss", metavar="FILE", help="also write an inner-product faiss index (needs faiss-cpu)")
     p.add_argument("--faiss-kind", choices=["hnsw", "flat"], default="hnsw",
                    help="hnsw: approximate, for large catalogues (default); flat: exact")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the checkpoint's config, e.g. train.device=cuda eval.batch_size=512 "
+                        "data.missing_image=blank")
     p = _command(sub, "serve",
                  "HTTP service (FastAPI): POST /recommend, POST /items, GET /items/ID, /health, /metrics; "
                  "the explorer page at / (users' histories and recommendations as pictures, add an item)",
@@ -115,10 +144,12 @@ def _add_inference_commands(sub) -> None:
                         "one batch per core at a time)")
     p.add_argument("--domain", help=domain_help)
     p.add_argument("--persist-items", action="store_true",
-                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb)")
+                   help="write items added through POST /items into the domain folder (items.tsv, images.lmdb) "
+                        "and, with --embeddings, into that vector store")
     p.add_argument("--compare", metavar="CHECKPOINT",
                    help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
                         "over the same catalogue")
+    _add_store_options(p)
     p.add_argument("--index", choices=["auto", "exact", "hnsw", "ivf"], default="auto",
                    help="top-K search: exact scores every item; hnsw or ivf take candidates from a faiss index "
                         "(needs faiss-cpu) and re-rank them exactly, history still excluded; auto (default): exact "

@@ -9,7 +9,7 @@ from pathlib import Path
 from pmmrec.cli.common import _command
 from pmmrec.errors import NotImplementedYet
 
-BENCHMARKS = ("train", "eval", "serve", "epoch", "recall")
+BENCHMARKS = ("train", "eval", "serve", "epoch", "encode", "recall")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -59,12 +59,13 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> None:
 
 def _add_bench_command(sub) -> None:
     """``pmmrec bench WHAT``: each benchmark is a module ``pmmrec.bench.<what>`` (:func:`cmd_bench`)."""
-    p = _command(sub, "bench", "benchmarks written as JSON (train / eval / serve / epoch / recall)",
+    p = _command(sub, "bench", "benchmarks written as JSON (train / eval / serve / epoch / encode / recall)",
                  "pmmrec bench train --out bench.json --quick", cmd_bench)
     p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "
                    "vs a raw matmul+top-K floor; serve: HTTP latency under concurrent load; epoch: one epoch of a "
-                   "real domain (--domain) with the real-data recipe; recall: recall@10 of the approximate "
-                   "indexes (hnsw, ivf) against exact search")
+                   "real domain (--domain) with the real-data recipe; encode: catalogue encoding throughput "
+                   "(items/s) of the default encoders, and a restart from the vector store; recall: recall@10 of "
+                   "the approximate indexes (hnsw, ivf) against exact search")
     p.add_argument("--domain", help="epoch: the prepared domain to train on (e.g. data/ml1m)")
     p.add_argument("--variant", nargs="+", choices=["sasrec", "multimodal"],
                    help="epoch: which models (default: both)")

@@ -217,9 +217,9 @@ def check_images(domain: Domain, missing_image: Literal["error", "blank"]) -> li
         if domain.image_db is None and domain.image_sources is None:
             raise DataError(f"no image database ({IMAGES_DB}), so none of its {domain.num_items} items has an "
                             f"image ({examples}); {hint}, or add one with pmmrec data build-images",
-                            domain.path or ".")
+                            domain.path or "the merged source domains")
         raise DataError(f"{len(missing)} of {domain.num_items} items have no image: {examples}; {hint}",
-                        domain.image_db or domain.path or ".")
+                        domain.image_db or domain.path or "the merged source domains")
     return missing
 
 

@@ -42,7 +42,9 @@ def load_tokenizer(path: str | os.PathLike):
         raise PmmrecError(f"cannot load a tokenizer from {path}: {e}".splitlines()[0]) from None
 
 
-def _tokenizer_fingerprint(path: Path) -> str:
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a tokenizer folder's files (what decides the token ids of a title)."""
+    path = Path(path)
     digest = hashlib.sha256()
     for name in _TOKENIZER_FILES:
         file = path / name
@@ -50,6 +52,12 @@ def _tokenizer_fingerprint(path: Path) -> str:
             digest.update(name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def image_digest(data: bytes | None) -> bytes:
+    """The content digest of an item's encoded image bytes (``DIGEST_BYTES``); None (no image: the blank image
+    stands in) has a digest of its own. The key of the feature cache and of the catalogue vector store."""
+    return hashlib.blake2b(b"blank image" if data is None else data, digest_size=DIGEST_BYTES).digest()
 
 
 class TokenTable:
@@ -63,7 +71,7 @@ class TokenTable:
               lowercase: bool = True, cache_dir: str | os.PathLike | None = None) -> TokenTable:
         path = Path(tokenizer_path)
         key = hashlib.sha256()
-        key.update(_tokenizer_fingerprint(path).encode())
+        key.update(tokenizer_fingerprint(path).encode())
         key.update(f"{max_tokens}|{int(lowercase)}|{len(titles)}".encode())
         for title in titles:
             key.update(title.encode("utf-8", "surrogatepass") + b"\0")
@@ -156,7 +164,7 @@ class ImageTable:
         """
         digests = np.zeros((len(self.refs) + 1, DIGEST_BYTES), dtype=np.uint8)
         present = np.zeros(len(self.refs) + 1, dtype=bool)
-        blank = np.frombuffer(hashlib.blake2b(b"blank image", digest_size=DIGEST_BYTES).digest(), dtype=np.uint8)
+        blank = np.frombuffer(image_digest(None), dtype=np.uint8)
         digests[0] = blank
         for item, (path, key) in enumerate(self.refs, start=1):
             data = self._db(path).get(key) if path is not None else None
@@ -166,7 +174,7 @@ class ImageTable:
                                     path, field="images")
                 digests[item] = blank
                 continue
-            digests[item] = np.frombuffer(hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest(), dtype=np.uint8)
+            digests[item] = np.frombuffer(image_digest(data), dtype=np.uint8)
             present[item] = True
         return digests, present
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from pmmrec.config import Config
 from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import left_pad
-from pmmrec.data.domain import Domain, find_domain_files, read_domain
+from pmmrec.data.domain import find_domain_files, read_domain
 from pmmrec.data.image_db import MAX_KEY_BYTES, image_keys
 from pmmrec.data.images import open_image
 from pmmrec.data.item_features import TokenTable
@@ -39,10 +39,18 @@ from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import topk_items
 from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
+from pmmrec.inference.catalogue_vectors import (
+    CatalogueItems,
+    CatalogueStore,
+    default_store_path,
+    load_exported,
+    model_key,
+    sync_catalogue,
+)
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
-from pmmrec.models.features import build_feature_store
-from pmmrec.models.loading import id_rows, load_model
+from pmmrec.inference.vector_store import VectorStore
+from pmmrec.models.loading import LoadedModel, id_rows, load_model
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
 
@@ -98,9 +106,11 @@ class Recommender:
 
     def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
                  device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
-                 shortlist: bool | None = None, index: IndexKind = "auto", index_settings: IndexSettings | None = None):
+                 shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
+                 index_settings: IndexSettings | None = None):
         """``shortlist``: score large catalogues with a certified bfloat16 first pass
         (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
+        ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`).
 
         ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index built here
         and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
@@ -126,6 +136,7 @@ class Recommender:
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
         self.shortlist = shortlist
         self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
+        self.store = store
         # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
         # every later snapshot, whose added items it searches exactly.
         self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().vectors, self.index,
@@ -136,14 +147,22 @@ class Recommender:
     def from_checkpoint(cls, path: str | os.PathLike, domain: str | os.PathLike | None = None, *,
                         device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                         batch_size: int = 256, progress: bool = False,
-                        overrides: Sequence[str] = (), index: IndexKind = "auto",
+                        overrides: Sequence[str] = (), store: str | os.PathLike | None = "auto",
+                        embeddings: str | os.PathLike | None = None, index: IndexKind = "auto",
                         index_settings: IndexSettings | None = None) -> Recommender:
-        """Rebuild the model of a checkpoint and encode the catalogue of ``domain`` (default: its data.domain).
+        """Rebuild the model of a checkpoint and give it the catalogue of ``domain`` (default: its data.domain).
 
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
         over the items it was trained on, which the checkpoint lists itself (``domain`` then only adds titles).
         ``overrides`` change the checkpoint's stored config as on the command line, e.g.
         ``["data.missing_image=blank"]`` for a vision model on a catalogue where some items have no image.
+
+        A content model's item vectors come from a vector store (docs/design.md §8): ``store="auto"`` keeps it
+        beside the checkpoint (:func:`~pmmrec.inference.catalogue_vectors.default_store_path`), a folder puts it
+        there, None encodes the whole catalogue and stores nothing. Only items that are new or changed since the
+        store was written are encoded; a store of another model or damaged is rebuilt. ``embeddings`` serves the
+        store in that folder (``pmmrec export-embeddings``) as the catalogue, as is; it must come from this
+        checkpoint's item encoder. Titles and images (for display) then come from ``domain`` when there is one.
         ``index`` and ``index_settings``: exact or approximate search, as in the constructor.
         """
         if isinstance(overrides, str):
@@ -153,26 +172,63 @@ class Recommender:
         loaded = load_model(path, list(overrides), device=device)
         model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
         folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
+        if embeddings is not None:
+            if domain is None and folder is not None and not folder.is_dir():
+                folder = None  # the checkpoint's training domain is not on this machine: no titles, no images
+            return cls._from_embeddings(loaded, Path(embeddings), folder, device, unknown_items, index,
+                                        index_settings)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
                               "(--domain FOLDER)")
         if id_tower:
+            # An ID model's vectors are rows of its table: nothing to encode, nothing to store.
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
                        unknown_items=unknown_items, index=index, index_settings=index_settings)
         catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
                                        missing_image=config.data.missing_image if config.model.uses_images else None)
-        vectors = _encode_domain(model, config, catalogue_domain, device, batch_size, progress,
-                                 id_rows(trained_ids, catalogue_domain.item_ids))
+        items = CatalogueItems.from_domain(catalogue_domain, id_rows(trained_ids, catalogue_domain.item_ids),
+                                           config.data.missing_image)
+        key = model_key(model, config, trained_ids)
+        vector_store = None if store is None else VectorStore(default_store_path(path, folder) if store == "auto"
+                                                              else store)
+        synced = sync_catalogue(model, config, items, key, vector_store, device, batch_size, progress,
+                                info={"checkpoint": str(path), "domain": str(folder)})
         refs = catalogue_domain.image_refs()
         present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
-        catalogue = Catalogue(catalogue_domain.item_ids, vectors.cpu(), catalogue_domain.titles, refs, present)
+        catalogue = Catalogue(catalogue_domain.item_ids, synced.vectors, catalogue_domain.titles, refs, present)
         log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
                  config.model.modality, config.model.fusion, catalogue.dim)
-        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items, index=index,
-                   index_settings=index_settings)
+        tracker = CatalogueStore(vector_store, key) if vector_store is not None and synced.wrote != "failed" \
+            else None
+        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
+                   store=tracker, index=index, index_settings=index_settings)
+
+    @classmethod
+    def _from_embeddings(cls, loaded: LoadedModel, embeddings: Path, folder: Path | None, device: torch.device,
+                         unknown_items: UnknownItems, index: IndexKind = "auto",
+                         index_settings: IndexSettings | None = None) -> Recommender:
+        """The catalogue of an exported store, checked against the checkpoint (see :meth:`from_checkpoint`)."""
+        key = model_key(loaded.model, loaded.config, loaded.item_ids)
+        vector_store = VectorStore(embeddings)
+        stored = load_exported(vector_store, key, loaded.path)
+        titles = refs = present = None
+        if folder is not None:
+            shown = read_domain(folder, empty_title="blank")  # titles and images, for display only
+            number = shown.item_index()
+            titles = [shown.titles[number[i] - 1] if i in number else None for i in stored.ids]
+            refs = [(shown.image_db if i in number else None, i) for i in stored.ids]
+            present = image_keys(shown.image_db) if shown.image_db is not None else set()
+        vectors = torch.zeros(len(stored.ids) + 1, key.dim)
+        np.copyto(vectors[1:].numpy(), stored.vectors)
+        catalogue = Catalogue(stored.ids, vectors, titles, refs, present)
+        log.info("recommender: %d items from the vector store %s (version %d), dim %d%s", len(catalogue), embeddings,
+                 stored.version, key.dim, f", titles and images from {folder}" if folder is not None else "")
+        return cls(loaded.model, loaded.config, catalogue, domain=folder, device=device,
+                   unknown_items=unknown_items, store=CatalogueStore(vector_store, key, additions="persisted"),
+                   index=index, index_settings=index_settings)
 
     # ----------------------------------------------------------------------------------------------- queries
     @property
@@ -404,7 +460,9 @@ class Recommender:
         """Encode new items and add them to the catalogue; they are recommendable when this returns.
 
         ``persist`` also writes them into the catalogue's domain folder (image LMDB, then items.tsv, each
-        atomically), so the next :meth:`from_checkpoint` has them. Returns the ids added.
+        atomically), so the next :meth:`from_checkpoint` has them. Their vectors go into the recommender's vector
+        store (a store serving as the catalogue, ``embeddings=``, takes persisted items only), so that the next
+        start encodes nothing. Returns the ids added.
         """
         items = list(items)
         if not items:
@@ -414,15 +472,36 @@ class Recommender:
             if persist:
                 self._check_persistable(checked)
             vectors = self._encode(checked)
-            if persist:
+            if persist and self.domain is not None:
                 persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
+            self._store_added(checked, vectors, persist)  # after the domain: a failed domain write leaves it as was
             self.catalogue.append([c[0] for c in checked], vectors, [c[1] for c in checked],
                                   [c[2] for c in checked])
         log.info("added %d item(s): %s", len(checked), ", ".join(c[0] for c in checked[:5]))
         return [c[0] for c in checked]
 
+    def _store_added(self, checked: list[tuple[str, str | None, bytes | None]], vectors: Tensor,
+                     persist: bool) -> None:
+        """Append added items to the vector store. A store that caches the domain's catalogue is only a cache:
+        if it cannot be written, the recommender goes on without it. A store that is the catalogue
+        (``embeddings=``) is where persisted items are kept: failing to write it fails the call."""
+        store = self.store
+        if store is None or (store.additions == "persisted" and not persist):
+            return
+        try:
+            store.append(self.model.item_encoder, checked, vectors)
+        except (OSError, PmmrecError) as e:
+            if store.additions == "persisted":
+                raise PmmrecError(f"cannot persist the new item(s) to the vector store {store.store.path}: {e}") \
+                    from None
+            log.warning("could not append the new item(s) to the vector store %s (%s); the next start encodes "
+                        "them again", store.store.path, e)
+            self.store = None
+
     def _check_persistable(self, checked: list[tuple[str, str | None, bytes | None]]) -> None:
         if self.domain is None:
+            if self.store is not None and self.store.additions == "persisted":
+                return  # kept in the vector store the catalogue is served from
             raise PmmrecError("persist=True needs the catalogue's domain folder, and this recommender has none")
         find_domain_files(self.domain)
         if self.config.data.empty_title == "error":
@@ -430,19 +509,6 @@ class Recommender:
             if untitled:
                 raise PmmrecError(f"item {untitled[0]!r}: items.tsv needs a title (data.empty_title=error), so "
                                   "an item without one cannot be persisted")
-
-
-def _encode_domain(model: PMMRec, config: Config, domain: Domain, device: torch.device, batch_size: int,
-                   progress: bool, rows: np.ndarray | None = None) -> Tensor:
-    """(N+1, D) vectors of a domain's items through the model's ItemEncoder (row 0 = padding)."""
-    refs = domain.image_refs() if model.item_encoder.uses_vision else None
-    store = build_feature_store(config, model.item_encoder, domain.titles, refs, image_cache_items=0, id_rows=rows)
-    try:
-        return encode_catalogue(model, store, domain.num_items, device, batch_size, progress)
-    finally:
-        # Release the read-only LMDB handles: persisting new items opens the same database for writing, and
-        # LMDB allows one environment per database and process.
-        store.close()
 
 
 def _titles_by_id(folder: Path, ids: list[str]) -> list[str | None]:

@@ -458,7 +458,7 @@ def test_images_are_stored_and_missing_or_bad_ones_reported(tmp_path, movies):
     assert d.images_stored == 2
     assert d.missing_images == ["3", "4"]
     assert [Path(p).name for p, _ in d.bad_images] == ["3.jpg"]
-    with pytest.raises(DataError, match="2 item"):
+    with pytest.raises(DataError, match="2 of 4 items have no image"):
         read_domain(out, missing_image="error")
     assert read_domain(out, missing_image="blank").image_db == out / "images.lmdb"
     assert "2 stored, 2 missing" in report.summary()
@@ -522,7 +522,7 @@ def test_movielens_imports_whole(movielens_domain):
     assert report.dropped["duplicate_interactions"] == 0 and report.dropped["unknown_item_interactions"] == 0
     assert sorted(d.missing_images, key=int) == ["1107", "1142", "1421", "1423", "2258", "3027", "3935"]
     assert d.images_stored == 3706 - 7 and d.bad_images == []
-    with pytest.raises(DataError, match="7 item"):
+    with pytest.raises(DataError, match="7 of 3706 items have no image"):
         read_domain(out, missing_image="error")
     domain = read_domain(out, missing_image="blank")
     stats = domain_stats(domain)

@@ -123,7 +123,7 @@ def test_merged_images_are_checked_per_source(tiny_domain, tmp_path):
     m = merge_domains([read_domain(tiny_domain, name="tiny"), read_domain(other, name="other")])
     missing = check_images(m, "blank")
     assert missing == ["tiny/i6"] + [f"other/i{k}" for k in range(1, 7)]
-    with pytest.raises(DataError, match="7 item"):
+    with pytest.raises(DataError, match="the merged source domains: 7 of 12 items have no image"):
         check_images(m, "error")
     assert isinstance(m.image_sources[0][0], Path)
 

@@ -15,7 +15,8 @@ from pmmrec.data.domain import read_domain
 from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import CannotAddItemsError, DuplicateItemsError, UnknownItemsError, UnknownItemWarning
-from pmmrec.inference.export import export_embeddings
+from pmmrec.inference.export import export_store
+from pmmrec.inference.vector_store import VectorStore
 from pmmrec.training.api import fit
 
 REPO = Path(__file__).resolve().parents[3]
@@ -197,15 +198,17 @@ def test_concurrent_adds_and_recommendations_stay_consistent(checkpoint):
     assert len(rec.recommend(history, k=10_000)) == len(rec) - len(history)
 
 
-def test_export_embeddings_with_a_faiss_index(rec, tmp_path):
-    done = export_embeddings(rec, tmp_path / "items.npy", faiss_out=tmp_path / "items.faiss", faiss_kind="flat")
-    vectors = np.load(tmp_path / "items.npy")
-    ids = (tmp_path / "items.ids.txt").read_text().split("\n")[:-1]
+def test_export_embeddings_with_a_faiss_index(checkpoint, rec, tmp_path):
+    done = export_store(checkpoint, tmp_path / "items", faiss_out=tmp_path / "items.faiss", faiss_kind="flat",
+                        progress=False)
+    stored = VectorStore(tmp_path / "items").read()
+    vectors, ids = np.asarray(stored.vectors), stored.ids
     assert vectors.shape == (len(rec), rec.catalogue.dim) == (done.count, done.dim) and len(ids) == len(rec)
-    np.testing.assert_array_equal(vectors[5], rec.catalogue.snapshot().vectors[rec.item(ids[5]).number].numpy())
+    np.testing.assert_allclose(vectors[5], rec.catalogue.snapshot().vectors[rec.item(ids[5]).number].numpy(),
+                               atol=1e-6, rtol=1e-5)
     faiss = pytest.importorskip("faiss")
     index = faiss.deserialize_index(np.frombuffer((tmp_path / "items.faiss").read_bytes(), dtype=np.uint8))
     _, found = index.search(vectors[:3], 1)  # inner product: the best row for a query is not always itself
     assert index.ntotal == len(rec) and found[:, 0].tolist() == (vectors[:3] @ vectors.T).argmax(1).tolist()
-    with pytest.raises(PmmrecError, match=r"must end in \.npy"):
-        export_embeddings(rec, tmp_path / "items.bin")
+    with pytest.raises(PmmrecError, match=r"writes a vector store, a folder"):
+        export_store(checkpoint, tmp_path / "items.npy")

@@ -71,7 +71,7 @@ def test_load_checkpoint_and_resume_refuse_it(evil):
 @pytest.mark.parametrize("command", [
     ["evaluate", "--checkpoint", "{ckpt}"],
     ["recommend", "--checkpoint", "{ckpt}", "--history", "i1 i2"],
-    ["export-embeddings", "--checkpoint", "{ckpt}", "--out", "{tmp}/v.npy"],
+    ["export-embeddings", "--checkpoint", "{ckpt}", "--out", "{tmp}/vectors"],
     ["transfer", "--from", "{ckpt}", "data.domain={tmp}", "run.dir={tmp}/run"],
     ["train", "-c", "{tiny}", "data.domain={world}/target", "run.dir={tmp}/run", "--resume"],
     ["import-checkpoint", "{ckpt}", "--text-encoder", "{tmp}", "--vision-encoder", "{tmp}", "--out", "{tmp}/o.pt"],
