@@ -10,8 +10,11 @@ aiohttp clients (one keep-alive connection each, on uvloop when installed) then 
 (random histories, k = 10) as fast as answers come back; every latency is measured on the client side, so it
 includes the client's own time, on the same cores as the server.
 
-With faiss installed, the JSON also reports an HNSW index's recall@10 against the exact top-10 on the same
-vectors (what an approximate index for very large catalogues would give up).
+``--items N`` changes the catalogue size, ``--catalogue clustered`` the vectors
+(:func:`pmmrec.bench.catalogue.catalogue_vectors`), and ``--index`` the search as ``pmmrec serve --index`` does
+(default ``auto``: exact at 100,000 items, HNSW above :data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`). When
+the served index is approximate, the JSON reports its recall@10 against exact search on the same catalogue
+(``recall``; the served top-10 of 500 random histories, history excluded, against the exact top-10).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pmmrec.bench.catalogue import (
+    CATALOGUES,
+    DIM,
+    MAX_SEQ_LEN,
+    histories,
+    measure_recall,
+    synthetic_recommender,
+)
 from pmmrec.errors import PmmrecError
 from pmmrec.serving.server import batch_concurrency, freeze_heap  # no FastAPI import at module level
 from pmmrec.utils.io import atomic_write_text
@@ -36,39 +47,32 @@ from pmmrec.utils.malloc import tune_malloc
 log = logging.getLogger(__name__)
 
 FULL = {"items": 100_000, "clients": 50, "requests": 5000, "warmup": 200}
+RECALL_QUERIES = 500  # histories the served approximate index's recall@10 is measured on
 QUICK = {"items": 5_000, "clients": 10, "requests": 300, "warmup": 30}
-DIM = 64  # model.dim of configs/cpu.yaml, the CPU recipe
-MAX_SEQ_LEN = 20  # data.max_seq_len default (paper/ref)
 K = 10
 TARGET_P99_MS = 50.0  # the issue's target: p99 < 50 ms at 50 concurrent clients on 2 CPU cores
 
 
-def synthetic_recommender(num_items: int, dim: int = DIM, seed: int = 0):
-    """A Recommender over ``num_items`` random item vectors, with a random SASRec user encoder."""
-    import torch
+def _serve(port: int, num_items: int, threads: int, ready, catalogue: str, index: str, recall) -> None:
+    """Child process: build the synthetic recommender and serve it as ``pmmrec serve`` would, until terminated.
 
-    from pmmrec.config import load_config
-    from pmmrec.inference.catalogue import Catalogue
-    from pmmrec.inference.recommender import Recommender
-    from pmmrec.models.pmmrec import PMMRec
-
-    torch.manual_seed(seed)
-    config = load_config(None, ["model.item_tower=id", f"model.dim={dim}", f"data.max_seq_len={MAX_SEQ_LEN}"])
-    model = PMMRec(config, num_items).eval()
-    ids = [f"i{n}" for n in range(1, num_items + 1)]
-    vectors = model.item_encoder.id_embedding.weight.detach().clone()  # (N+1, D), row 0 = padding
-    return Recommender(model, config, Catalogue(ids, vectors))
-
-
-def _serve(port: int, num_items: int, threads: int, ready) -> None:
-    """Child process: build the synthetic recommender and serve it as ``pmmrec serve`` would, until terminated."""
+    With an approximate index, its recall@10 against exact search on the same catalogue is measured first (before
+    serving, with the threads loading has) and sent through the ``recall`` queue; None otherwise."""
     import torch
     import uvicorn
 
+    from pmmrec.inference.recommender import Recommender
     from pmmrec.serving.app import create_app
 
     tune_malloc()  # what the pmmrec command does at start
-    recommender = synthetic_recommender(num_items)
+    recommender = synthetic_recommender(num_items, catalogue=catalogue, index=index)
+    measured = None
+    if recommender.approximate_index is not None:
+        exact = Recommender(recommender.model, recommender.config, recommender.catalogue, index="exact")
+        measured = {"index": recommender.approximate_index.describe,
+                    "build_s": round(recommender.approximate_index.build_s, 1),
+                    **measure_recall(exact, recommender, histories(num_items, RECALL_QUERIES))}
+    recall.put(measured)
     torch.set_num_threads(threads)
     app = create_app(recommender, batch_concurrency=batch_concurrency(threads))
     freeze_heap()
@@ -143,7 +147,7 @@ def _get_json(url: str, timeout: float) -> dict:
         return json.loads(r.read())
 
 
-def _wait_ready(url: str, process, timeout: float = 300.0) -> None:
+def _wait_ready(url: str, process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.is_alive():
@@ -157,39 +161,15 @@ def _wait_ready(url: str, process, timeout: float = 300.0) -> None:
     raise PmmrecError(f"the benchmark's server did not answer within {timeout:.0f} s")
 
 
-def faiss_recall(num_items: int, queries: int = 200, k: int = K, seed: int = 0) -> dict | None:
-    """Recall@k of an HNSW inner-product index against the exact top-k, on the synthetic vectors."""
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return None
-    import torch
-
-    from pmmrec.inference.export import build_faiss_index
-
-    rec = synthetic_recommender(num_items, seed=seed)
-    _, vectors = rec.item_vectors()
-    rng = np.random.default_rng(seed + 1)
-    histories = [[f"i{n}" for n in rng.integers(1, num_items + 1, size=10)] for _ in range(queries)]
-    users = torch.stack([rec.encode_user(h) for h in histories]).numpy()  # (Q, D)
-    started = time.perf_counter()
-    index = build_faiss_index(vectors, "hnsw")
-    build_s = time.perf_counter() - started
-    index.hnsw.efSearch = 128
-    started = time.perf_counter()
-    _, approx = index.search(users, k)
-    ann_ms = (time.perf_counter() - started) * 1000 / queries
-    started = time.perf_counter()
-    exact = torch.from_numpy(users @ vectors.T).topk(k, dim=1).indices.numpy()
-    exact_ms = (time.perf_counter() - started) * 1000 / queries
-    recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
-    return {"index": "HNSW (M=32, efSearch=128), inner product", f"recall@{k}": round(recall, 4),
-            "build_s": round(build_s, 2), "query_ms": round(ann_ms, 3), "exact_query_ms": round(exact_ms, 3),
-            "queries": queries}
-
-
 def run(args) -> dict:
-    sizes = QUICK if getattr(args, "quick", False) else FULL
+    sizes = dict(QUICK if getattr(args, "quick", False) else FULL)
+    if getattr(args, "items", None) is not None:
+        if args.items < 2:
+            raise PmmrecError(f"--items must be at least 2, got {args.items}")
+        sizes["items"] = args.items
+    catalogue, index = getattr(args, "catalogue", None) or "random", getattr(args, "index", None) or "auto"
+    if catalogue not in CATALOGUES:
+        raise PmmrecError(f"--catalogue must be one of {', '.join(CATALOGUES)}, got {catalogue!r}")
     try:
         import aiohttp  # noqa: F401
         import fastapi  # noqa: F401
@@ -203,11 +183,15 @@ def run(args) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state inherited from this one
-    ready = context.Event()
-    process = context.Process(target=_serve, args=(port, sizes["items"], threads, ready), daemon=True)
+    ready, recall_queue = context.Event(), context.Queue()
+    process = context.Process(target=_serve, args=(port, sizes["items"], threads, ready, catalogue, index,
+                                                   recall_queue), daemon=True)
     process.start()
     try:
-        _wait_ready(url, process)
+        # Start-up encodes nothing but may build an index: allow for it (a million items, one core: minutes).
+        _wait_ready(url, process, timeout=300.0 + sizes["items"] / 1000)
+        recall = recall_queue.get(timeout=10)
+        served_index = _get_json(f"{url}/health", timeout=10).get("index")
         log.info("bench serve: %d items, %d clients, %d requests", sizes["items"], sizes["clients"],
                  sizes["requests"])
         _run_client(_drive(url, sizes["items"], sizes["clients"], sizes["warmup"], seed=1))
@@ -226,9 +210,10 @@ def run(args) -> dict:
     p50, p95, p99 = np.percentile(ms, [50, 95, 99]).tolist()
     result = {
         "benchmark": "serve", "endpoint": "POST /recommend", "quick": bool(getattr(args, "quick", False)),
-        "catalogue": {"items": sizes["items"], "dim": DIM, "synthetic": True,
-                      "note": "random item vectors and a randomly initialised SASRec user encoder (2 blocks, "
+        "catalogue": {"items": sizes["items"], "dim": DIM, "synthetic": True, "vectors": catalogue,
+                      "note": f"{catalogue} item vectors and a randomly initialised SASRec user encoder (2 blocks, "
                               f"max_seq_len {MAX_SEQ_LEN}); serving cost does not depend on trained values"},
+        "index": served_index, "recall": recall,
         "clients": sizes["clients"], "requests": sizes["requests"], "warmup_requests": sizes["warmup"], "k": K,
         "history_length": "uniform 5..50", "errors": errors,
         "seconds": round(seconds, 3), "throughput_rps": round(len(ms) / seconds, 1),
@@ -242,10 +227,11 @@ def run(args) -> dict:
         # Other processes on the machine slow both sides down: the load average says how busy it was.
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "client_and_server": "same machine (the load generator competes with the server for the same cores)",
-        "faiss": faiss_recall(sizes["items"]),
     }
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"POST /recommend, {sizes['items']:,} synthetic items, {sizes['clients']} clients: "
+    recall_text = f", recall@{K} {recall[f'recall@{K}']} against exact" if recall else ""
+    print(f"POST /recommend, {sizes['items']:,} synthetic items ({catalogue}, index {served_index}{recall_text}), "
+          f"{sizes['clients']} clients: "
           f"{result['throughput_rps']} req/s, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
           f"p99 {result['p99_ms']} ms ({'meets' if result['meets_target'] else 'misses'} the {TARGET_P99_MS:.0f} ms "
           f"target); wrote {out}")

@@ -57,9 +57,12 @@ def cmd_export_embeddings(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pmmrec.serving.server import serve
 
+    options = {name: value for name, value in (("exact_max_items", args.exact_max_items),
+                                               ("hnsw_ef_search", args.ef_search), ("ivf_nprobe", args.nprobe))
+               if value is not None}
     serve(args.checkpoint, host=args.host, port=args.port, workers=args.workers, domain=args.domain,
           threads=args.threads, persist_items=args.persist_items, compare=args.compare, store=_store_arg(args),
-          embeddings=args.embeddings)
+          embeddings=args.embeddings, index=args.index, index_options=options)
 
 
 def _store_arg(args: argparse.Namespace) -> str | None:
@@ -147,3 +150,14 @@ def _add_inference_commands(sub) -> None:
                    help="a second checkpoint shown side by side on the explorer page (e.g. scratch vs transferred), "
                         "over the same catalogue")
     _add_store_options(p)
+    p.add_argument("--index", choices=["auto", "exact", "hnsw", "ivf"], default="auto",
+                   help="top-K search: exact scores every item; hnsw or ivf take candidates from a faiss index "
+                        "(needs faiss-cpu) and re-rank them exactly, history still excluded; auto (default): exact "
+                        "up to --exact-max-items items, hnsw above")
+    p.add_argument("--exact-max-items", type=int, default=None, metavar="N",
+                   help="--index auto: the largest catalogue scored exactly (default 100000, provisional: confirm "
+                        "with `pmmrec bench serve` on your machine)")
+    p.add_argument("--ef-search", type=int, default=None, metavar="N",
+                   help="hnsw: candidate list per search (default 512; higher: better recall, slower)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="ivf: lists visited per search (default 64; higher: better recall, slower)")

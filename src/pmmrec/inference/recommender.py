@@ -37,6 +37,7 @@ from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import topk_items
+from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
     CatalogueItems,
@@ -105,12 +106,22 @@ class Recommender:
 
     def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
                  device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
-                 shortlist: bool | None = None, store: CatalogueStore | None = None):
+                 shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
+                 index_settings: IndexSettings | None = None):
         """``shortlist``: score large catalogues with a certified bfloat16 first pass
         (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
-        ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`)."""
+        ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`).
+
+        ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index built here
+        and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
+        ``index_settings.exact_max_items`` items (:data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`) and
+        approximate above. The choice is made once, on the catalogue as given; items added later are searched
+        exactly beside the index.
+        """
         if unknown_items not in ("skip", "reject"):
             raise PmmrecError(f"unknown_items must be 'skip' or 'reject', got {unknown_items!r}")
+        self.index_settings = index_settings if index_settings is not None else IndexSettings()
+        self.index = resolve_index(index, len(catalogue), self.index_settings)  # exact, hnsw or ivf
         self.model = model.eval()
         self.config = config
         self.catalogue = catalogue
@@ -126,6 +137,10 @@ class Recommender:
         self.shortlist = shortlist
         self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
         self.store = store
+        # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
+        # every later snapshot, whose added items it searches exactly.
+        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().vectors, self.index,
+                                                                        self.index_settings)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -133,7 +148,8 @@ class Recommender:
                         device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                         batch_size: int = 256, progress: bool = False,
                         overrides: Sequence[str] = (), store: str | os.PathLike | None = "auto",
-                        embeddings: str | os.PathLike | None = None) -> Recommender:
+                        embeddings: str | os.PathLike | None = None, index: IndexKind = "auto",
+                        index_settings: IndexSettings | None = None) -> Recommender:
         """Rebuild the model of a checkpoint and give it the catalogue of ``domain`` (default: its data.domain).
 
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
@@ -147,9 +163,11 @@ class Recommender:
         store was written are encoded; a store of another model or damaged is rebuilt. ``embeddings`` serves the
         store in that folder (``pmmrec export-embeddings``) as the catalogue, as is; it must come from this
         checkpoint's item encoder. Titles and images (for display) then come from ``domain`` when there is one.
+        ``index`` and ``index_settings``: exact or approximate search, as in the constructor.
         """
         if isinstance(overrides, str):
             raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
+        check_index(index)  # before the catalogue is encoded
         device = torch.device(device)
         loaded = load_model(path, list(overrides), device=device)
         model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
@@ -157,7 +175,8 @@ class Recommender:
         if embeddings is not None:
             if domain is None and folder is not None and not folder.is_dir():
                 folder = None  # the checkpoint's training domain is not on this machine: no titles, no images
-            return cls._from_embeddings(loaded, Path(embeddings), folder, device, unknown_items)
+            return cls._from_embeddings(loaded, Path(embeddings), folder, device, unknown_items, index,
+                                        index_settings)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
@@ -167,7 +186,7 @@ class Recommender:
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
-                       unknown_items=unknown_items)
+                       unknown_items=unknown_items, index=index, index_settings=index_settings)
         catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
                                        missing_image=config.data.missing_image if config.model.uses_images else None)
         items = CatalogueItems.from_domain(catalogue_domain, id_rows(trained_ids, catalogue_domain.item_ids),
@@ -185,11 +204,12 @@ class Recommender:
         tracker = CatalogueStore(vector_store, key) if vector_store is not None and synced.wrote != "failed" \
             else None
         return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
-                   store=tracker)
+                   store=tracker, index=index, index_settings=index_settings)
 
     @classmethod
     def _from_embeddings(cls, loaded: LoadedModel, embeddings: Path, folder: Path | None, device: torch.device,
-                         unknown_items: UnknownItems) -> Recommender:
+                         unknown_items: UnknownItems, index: IndexKind = "auto",
+                         index_settings: IndexSettings | None = None) -> Recommender:
         """The catalogue of an exported store, checked against the checkpoint (see :meth:`from_checkpoint`)."""
         key = model_key(loaded.model, loaded.config, loaded.item_ids)
         vector_store = VectorStore(embeddings)
@@ -207,9 +227,15 @@ class Recommender:
         log.info("recommender: %d items from the vector store %s (version %d), dim %d%s", len(catalogue), embeddings,
                  stored.version, key.dim, f", titles and images from {folder}" if folder is not None else "")
         return cls(loaded.model, loaded.config, catalogue, domain=folder, device=device,
-                   unknown_items=unknown_items, store=CatalogueStore(vector_store, key, additions="persisted"))
+                   unknown_items=unknown_items, store=CatalogueStore(vector_store, key, additions="persisted"),
+                   index=index, index_settings=index_settings)
 
     # ----------------------------------------------------------------------------------------------- queries
+    @property
+    def approximate_index(self) -> ApproximateIndex | None:
+        """The faiss index candidates come from (``index`` hnsw or ivf), or None when scoring exactly."""
+        return self._ann
+
     def __len__(self) -> int:
         return len(self.catalogue)
 
@@ -302,8 +328,10 @@ class Recommender:
             users = self._user_vectors(snap, [p[1] for p in parsed])  # (U, D)
             width = min(max(p[3] for p in parsed), snap.count)
             exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
-            scorer = self._shortlist_scorer(snap)
-            if scorer is not None:
+            scorer = self._shortlist_scorer(snap) if self._ann is None else None
+            if self._ann is not None:
+                scores, items = self._ann.topk(users, snap.vectors, width, exclude)  # (U, width)
+            elif scorer is not None:
                 scores, items = scorer.topk(users, width, exclude)  # (U, width)
             else:
                 scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)

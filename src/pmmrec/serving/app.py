@@ -141,7 +141,7 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
         model = recommender.config.model
         return HealthResponse(status="ok", items=len(recommender), item_tower=model.item_tower,
                               modality=model.modality, fusion=model.fusion, dim=recommender.catalogue.dim,
-                              can_add_items=recommender.can_add_items and add_items)
+                              can_add_items=recommender.can_add_items and add_items, index=recommender.index)
 
     @app.get("/metrics", summary="request counts and latency percentiles per route")
     async def get_metrics() -> dict:

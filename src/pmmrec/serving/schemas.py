@@ -75,6 +75,8 @@ class HealthResponse(BaseModel):
     fusion: str
     dim: int
     can_add_items: bool
+    index: Literal["exact", "hnsw", "ivf"] = Field(description="how top-K is searched: exact, or faiss candidates "
+                                                             "re-ranked exactly")
 
 
 class ErrorResponse(BaseModel):

@@ -24,25 +24,31 @@ def _check_server_deps() -> None:
 
 def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
               workers: int = 1, unknown_items: str = "skip", compare: str | None = None, store: str | None = "auto",
-              embeddings: str | None = None):
+              embeddings: str | None = None, index: str = "auto", index_options: dict | None = None):
     """The app for one process: load the checkpoint and the catalogue's vectors, wrap them in :func:`create_app`.
 
     ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain. ``store`` and
-    ``embeddings``: where the item vectors come from (``Recommender.from_checkpoint``).
+    ``embeddings``: where the item vectors come from (``Recommender.from_checkpoint``). ``index`` and
+    ``index_options`` (fields of :class:`~pmmrec.inference.ann.IndexSettings`): exact or approximate top-K, for
+    both models.
     """
     import torch
 
     from pmmrec.inference import Recommender
+    from pmmrec.inference.ann import IndexSettings
     from pmmrec.serving.app import create_app
     from pmmrec.serving.explorer import model_name
 
-    # Loading encodes the catalogue: with all of torch's threads. Serving then scores batches side by side.
+    settings = IndexSettings(**(index_options or {}))
+    # Loading encodes the catalogue (and builds an approximate index) with all of torch's threads. Serving then
+    # scores batches side by side.
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items, store=store,
-                                              embeddings=embeddings)
+                                              embeddings=embeddings, index=index, index_settings=settings)
     other = None
     if compare is not None:
         other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items,
-                                            store=None if store is None else "auto")
+                                            store=None if store is None else "auto", index=index,
+                                            index_settings=settings)
     threads = threads or 1
     torch.set_num_threads(threads)
     refusal = None
@@ -79,14 +85,20 @@ def app_from_env():
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, domain: str | None = None,
           threads: int | None = None, persist_items: bool = False, unknown_items: str = "skip",
           log_level: str = "info", compare: str | None = None, store: str | None = "auto",
-          embeddings: str | None = None) -> None:
+          embeddings: str | None = None, index: str = "auto", index_options: dict | None = None) -> None:
     """Run the service until interrupted (the explorer page at ``/``; ``compare``: a second checkpoint on it).
 
     ``store``: the catalogue's vector store (``"auto"``: beside the checkpoint; a folder; None: none);
-    ``embeddings``: serve an exported store as the catalogue (see ``Recommender.from_checkpoint``)."""
+    ``embeddings``: serve an exported store as the catalogue (see ``Recommender.from_checkpoint``); ``index``,
+    ``index_options``: see :func:`build_app`."""
     _check_server_deps()
     import uvicorn
 
+    from pmmrec.inference.ann import IndexSettings, check_index
+
+    # A bad value or a missing faiss: one line now, not once the catalogue is encoded.
+    check_index(index)
+    IndexSettings(**(index_options or {}))
     if workers < 1:
         raise PmmrecError(f"--workers must be at least 1, got {workers}")
     if not 0 <= port <= 65535:
@@ -96,7 +108,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
                     "use it%s", host, " and add items" if workers == 1 else "")
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
                "workers": workers, "unknown_items": unknown_items, "compare": compare, "store": store,
-               "embeddings": embeddings}
+               "embeddings": embeddings, "index": index, "index_options": index_options}
     if workers == 1:
         app = build_app(**options)  # load before binding, so a bad checkpoint fails here with one line
         uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -135,6 +135,7 @@ def test_add_get_and_recommend_a_new_item(client, recommender):
 def test_health_metrics_and_openapi(client, recommender):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["items"] == len(recommender) and health["can_add_items"]
+    assert health["index"] == "exact"  # auto, on a catalogue far below the threshold
     client.post("/recommend", json={"history": ["x"], "k": 0})
     metrics = client.get("/metrics").json()
     route = metrics["routes"]["/recommend"]

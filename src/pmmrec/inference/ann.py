@@ -1,0 +1,260 @@
+"""Approximate top-K for large catalogues: faiss HNSW or IVF candidates, re-ranked exactly (docs/design.md §8).
+
+Exact recommending scores every catalogue item for every user: ``O(N D)`` a request, which grows with the
+catalogue until a request costs more than a latency target allows. An approximate index finds a user's best
+items by inner product without scanning them all. The recommender uses it only to *find candidates*:
+
+1. **candidates**: the index's ``C = k + H + margin`` best items by ``user . item`` (faiss, inner product), where
+   ``H`` is the number of items to exclude (the history, under ``exclude_history``), so that ``k`` are left once
+   they are removed. Items added to the catalogue after the index was built (``Recommender.add_items``,
+   ``POST /items``) are not in the index: every one of them is a candidate of every user, so they are **searched
+   exactly beside the index** (an index is never written while other threads search it);
+2. **exact re-ranking**: every candidate is scored ``user . item`` in float32 from the catalogue's own vectors
+   (the scores the exact path gives, up to float32 rounding), the excluded items are removed exactly as the exact
+   path removes them (:func:`~pmmrec.evaluation.ranking.topk_items`), and the best ``k`` are kept;
+3. **k honoured**: a user left with fewer than ``min(k, items not excluded)`` candidates (an IVF whose probed lists
+   hold too few items, a graph search that found too few) is answered by the exact path.
+
+So an approximate answer lists only catalogue items not excluded, in exact score order, with exact scores; what it
+can lose is a true top-K item the index did not return among its ``C`` candidates. :func:`recall_at_k` measures
+that (``pmmrec bench recall``). With ``index="auto"`` (the default) a catalogue of at most
+:data:`AUTO_EXACT_MAX_ITEMS` items is scored exactly and a larger one through :data:`AUTO_KIND`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pmmrec.errors import PmmrecError
+from pmmrec.evaluation.ranking import history_in_chunk, pad_histories, topk_items
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["auto", "exact", "hnsw", "ivf"]
+INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "hnsw", "ivf")
+# Provisional, to be confirmed by `pmmrec bench serve` on an idle machine (README "Recommending and serving").
+# Exact scoring is linear in the catalogue (bench eval: 518 users/s against 1,000,000 items of dim 64 on 2 cores,
+# ~1.9 ms a user, 10x the cost at 100,000 items), and at 100,000 items bench serve's p99 (50 clients, 2 cores) is
+# already at the 50 ms target (median 46.6 ms of 9 runs): past that, exact scoring cannot hold it on 2 cores.
+AUTO_EXACT_MAX_ITEMS = 100_000
+# What `auto` uses above the threshold. bench recall, recall@10 (random / clustered vectors): HNSW at its defaults
+# 1.000 / 0.976 at 100,000 items and 1.000 / 0.991 at 300,000; IVF at 100,000 items 0.51 / 0.66 at nprobe 64, and
+# still 0.83 / 0.90 at nprobe 256 (README).
+AUTO_KIND = "hnsw"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the approximate index is built and searched. Defaults tuned with ``pmmrec bench recall`` (README)."""
+
+    exact_max_items: int = AUTO_EXACT_MAX_ITEMS  # `auto`: exact at or below this many items, approximate above
+    margin: int = 32  # candidates fetched beyond k + the items to exclude
+    # Graph neighbours per node (faiss IndexHNSWFlat M); the bottom layer holds 2 M int32 an item (512 bytes at 64,
+    # twice a dim-64 vector). bench recall on clustered items at efSearch 512: 0.935 with 32 and 0.991 with 64 at
+    # 300,000 items (efSearch 2048 took 32 only to ~0.976: the graph, not the search, limited it), though 0.993 and
+    # 0.976 at 100,000. Random items: 0.993 and 1.000 at 300,000.
+    hnsw_m: int = 64
+    # Candidate list while building (faiss default 40). A better graph, at twice the build time of 200: on 100,000
+    # clustered items recall@10 at efSearch 512 (M=32) was 0.959 with 200 and 0.993 with 400.
+    hnsw_ef_construction: int = 400
+    hnsw_ef_search: int = 512  # candidate list while searching; faiss uses max(efSearch, candidates fetched)
+    ivf_nlist: int | None = None  # IVF inverted lists; None: 4 * sqrt(N), the usual rule of thumb
+    ivf_nprobe: int = 64  # lists visited per query
+
+    def __post_init__(self):
+        for name in ("exact_max_items", "margin", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+                     "ivf_nprobe"):
+            value = getattr(self, name)
+            least = 0 if name == "margin" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise PmmrecError(f"index setting {name} must be an integer >= {least}, got {value!r}")
+        if self.ivf_nlist is not None and (not isinstance(self.ivf_nlist, int) or self.ivf_nlist < 1):
+            raise PmmrecError(f"index setting ivf_nlist must be a positive integer or None, got {self.ivf_nlist!r}")
+
+    def nlist(self, count: int) -> int:
+        """IVF lists for ``count`` items: the setting, or 4 * sqrt(count) but at least 39 items a list (what faiss's
+        k-means asks for); never more lists than items."""
+        wanted = self.ivf_nlist if self.ivf_nlist is not None else min(round(4 * math.sqrt(count)), count // 39)
+        return max(1, min(wanted, count))
+
+
+def import_faiss(kind: str):
+    """The faiss module, or a :class:`PmmrecError` naming the package to install."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs each CPU variant it tries
+    try:
+        import faiss
+    except ImportError:
+        raise PmmrecError(f"index {kind!r} needs the package faiss-cpu: pip install faiss-cpu "
+                          "(or pip install 'pmmrec[ann]')") from None
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        import_faiss("auto")
+    except PmmrecError:
+        return False
+    return True
+
+
+def check_index(kind: str) -> None:
+    """Fail early on an unknown kind, or on ``hnsw``/``ivf`` without faiss (before a catalogue is encoded)."""
+    if kind not in INDEX_KINDS:
+        raise PmmrecError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind in ("hnsw", "ivf"):
+        import_faiss(kind)
+
+
+def resolve_index(kind: str, count: int, settings: IndexSettings) -> str:
+    """``exact``, ``hnsw`` or ``ivf`` for a catalogue of ``count`` items; ``auto`` decides by size.
+
+    ``auto`` above the threshold without faiss installed serves exactly, with a warning naming the package (a
+    slower answer rather than none); asking for ``hnsw`` or ``ivf`` without faiss is an error.
+    """
+    check_index(kind)
+    if kind != "auto":
+        return kind
+    if count <= settings.exact_max_items:
+        return "exact"
+    if not faiss_available():
+        log.warning("index auto: %d items is above the exact threshold (%d) but faiss is not installed, so every "
+                    "request scores the whole catalogue; pip install faiss-cpu for approximate search", count,
+                    settings.exact_max_items)
+        return "exact"
+    return AUTO_KIND
+
+
+class ApproximateIndex:
+    """A faiss inner-product index over items ``1..count`` of a catalogue, and the re-ranked top-K over it."""
+
+    def __init__(self, vectors: Tensor, kind: str, settings: IndexSettings | None = None, seed: int = 0):
+        """``vectors``: ``(N+1, D)``, row 0 the padding (a catalogue snapshot's vectors). Items appended to the
+        catalogue later keep their numbers past ``N`` and are searched exactly (:meth:`topk`)."""
+        if kind not in ("hnsw", "ivf"):
+            raise PmmrecError(f"approximate index kind must be hnsw or ivf, got {kind!r}")
+        if vectors.dim() != 2 or vectors.shape[0] < 2:
+            raise ValueError(f"vectors must be (N+1, D) with row 0 the padding, got {tuple(vectors.shape)}")
+        faiss = import_faiss(kind)
+        self.kind, self.settings = kind, settings or IndexSettings()
+        self.count, dim = vectors.shape[0] - 1, vectors.shape[1]
+        items = np.ascontiguousarray(vectors[1:].detach().float().cpu().numpy())  # (N, D): index row i = item i+1
+        started = time.perf_counter()
+        s = self.settings
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = s.hnsw_ef_construction
+            index.hnsw.efSearch = s.hnsw_ef_search
+            self.describe = f"HNSW (M={s.hnsw_m}, efConstruction={s.hnsw_ef_construction}, efSearch={s.hnsw_ef_search})"
+        else:
+            nlist = s.nlist(self.count)
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            # k-means on a sample: 64 items a list is plenty for the centroids (faiss wants >= 39), and training
+            # on all of a million items would cost more than adding them.
+            sample = min(self.count, 64 * nlist)
+            rows = np.random.default_rng(seed).choice(self.count, sample, replace=False) if sample < self.count \
+                else np.arange(self.count)
+            index.cp.seed = seed
+            # Spherical k-means (unit centroids): with inner-product assignment, unnormalised centroids of large
+            # norm take most items and a probe scans a few huge lists (measured on 20,000 random items: the
+            # largest list 16x the mean without, 1.4x with); recall at a given nprobe is higher with it too.
+            index.cp.spherical = True
+            index.train(items[np.sort(rows)])
+            index.nprobe = min(s.ivf_nprobe, nlist)
+            self._quantizer = quantizer  # the IVF index does not own it: keep it alive as long as the index
+            self.describe = f"IVF (nlist={nlist}, nprobe={index.nprobe})"
+        index.add(items)
+        self.index = index
+        self.users = 0  # users answered
+        self.fallbacks = 0  # of them, answered by the exact path (too few candidates left)
+        self.build_s = time.perf_counter() - started
+        log.info("recommender: %s index over %d items built in %.1f s", self.describe, self.count, self.build_s)
+
+    def set_search(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change how hard the index searches (HNSW ``efSearch``, IVF ``nprobe``) without rebuilding it: for
+        tuning (``pmmrec bench recall --sweep``); not while other threads search."""
+        if ef_search is not None and self.kind == "hnsw":
+            self.index.hnsw.efSearch = ef_search
+            self.describe = self.describe.rsplit("efSearch=", 1)[0] + f"efSearch={ef_search})"
+        if nprobe is not None and self.kind == "ivf":
+            self.index.nprobe = min(nprobe, self.index.nlist)
+            self.describe = f"IVF (nlist={self.index.nlist}, nprobe={self.index.nprobe})"
+
+    def candidates(self, users: Tensor, fetch: int) -> Tensor:
+        """``(U, fetch)`` item numbers of the index's best items for each user by inner product; 0 where the
+        index found fewer."""
+        faiss = import_faiss(self.kind)
+        # One thread per search, as many as torch's: the service scores batches side by side, one per core.
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        _, labels = self.index.search(np.ascontiguousarray(users.detach().float().cpu().numpy()), fetch)
+        return torch.from_numpy(labels) + 1  # faiss's -1 (none found) becomes 0, the padding
+
+    def topk(self, users: Tensor, vectors: Tensor, k: int, exclude: Sequence[Tensor] | Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
+        """``(scores, items)``, both ``(U, k)``, as :func:`~pmmrec.evaluation.ranking.topk_items` returns them
+        over ``vectors`` (a snapshot of the catalogue this index was built on: ``(M+1, D)``, ``M >= N``)."""
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        if vectors.shape[0] - 1 < self.count:
+            raise ValueError(f"the catalogue has {vectors.shape[0] - 1} items, fewer than the index's {self.count}")
+        users = users.detach().float().cpu()
+        vectors = vectors.float()
+        num_users, total = users.shape[0], vectors.shape[0] - 1
+        excl = pad_histories(exclude if exclude is not None else [[] for _ in range(num_users)], num_users)
+        excluded = _distinct(excl)  # (U,) items each user excludes
+        fetch = k + (int(excluded.max()) if num_users else 0) + self.settings.margin
+        self.users += num_users
+        if num_users == 0 or fetch >= self.count:  # the index would return (nearly) everything: scan it all
+            return topk_items(users, vectors, k, excl)
+        cand = self.candidates(users, fetch)  # (U, C) item numbers, 0 = none
+        scores = torch.bmm(vectors[cand], users.unsqueeze(2)).squeeze(2)  # (U, C) exact float32 scores
+        drop = cand == 0
+        if excl.shape[1]:
+            drop |= (cand.unsqueeze(2) == excl.unsqueeze(1)).any(2)  # (U, C, H) -> (U, C)
+        scores = scores.masked_fill(drop, float("-inf"))
+        if total > self.count:  # items added since the index was built: scored exactly for every user
+            tail = users @ vectors[self.count + 1:].t()  # (U, T)
+            inside, cols = history_in_chunk(excl, self.count + 1, total + 1)  # (U, H)
+            rows = torch.arange(num_users).unsqueeze(1).expand_as(cols)
+            tail[rows[inside], cols[inside]] = float("-inf")
+            numbers = torch.arange(self.count + 1, total + 1).expand(num_users, total - self.count)
+            scores, cand = torch.cat([scores, tail], dim=1), torch.cat([cand, numbers], dim=1)  # (U, C + T)
+        width = min(k, scores.shape[1])
+        best, pick = scores.topk(width, dim=1)  # (U, width)
+        items = torch.where(best == float("-inf"), 0, cand.gather(1, pick))
+        if width < k:
+            best = torch.cat([best, best.new_full((num_users, k - width), float("-inf"))], dim=1)
+            items = torch.cat([items, items.new_zeros(num_users, k - width)], dim=1)
+        # Users the candidates could not give min(k, items not excluded) to: the exact path answers them.
+        short = (items > 0).sum(1) < torch.clamp(total - excluded, max=k)
+        if bool(short.any()):
+            redo = short.nonzero().squeeze(1)
+            self.fallbacks += len(redo)
+            best[redo], items[redo] = topk_items(users[redo], vectors, k, excl[redo])
+        return best, items
+
+
+def _distinct(excl: Tensor) -> Tensor:
+    """``(U,)`` distinct item numbers > 0 in each row of a 0-padded ``(U, H)`` tensor."""
+    if excl.shape[1] == 0:
+        return torch.zeros(excl.shape[0], dtype=torch.long)
+    s = excl.sort(dim=1).values
+    valid = s > 0
+    first = torch.ones_like(valid)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    return (valid & first).sum(1)
+
+
+def recall_at_k(approx: Sequence[Sequence[str]], exact: Sequence[Sequence[str]]) -> float:
+    """Mean over users of |approximate top-k ∩ exact top-k| / |exact top-k| (users with an empty exact list skipped)."""
+    ratios = [len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True) if e]
+    return float(np.mean(ratios)) if ratios else 1.0
