@@ -40,19 +40,19 @@ from pmmrec.evaluation.ranking import topk_items
 from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
-    CatalogueItems,
     CatalogueStore,
     default_store_path,
     load_exported,
     model_key,
-    sync_catalogue,
 )
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
+from pmmrec.inference.start import start_catalogue
 from pmmrec.inference.vector_store import VectorStore
-from pmmrec.models.loading import LoadedModel, id_rows, load_model
+from pmmrec.models.loading import LoadedModel, build_model, read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
+from pmmrec.utils.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 SHORTLIST_MIN_ITEMS = 20_000  # smaller catalogues are scored in float32 directly: a few ms either way
@@ -129,10 +129,11 @@ class Recommender:
         self.device = torch.device(device)
         self.unknown_items = unknown_items
         self.max_seq_len = config.data.max_seq_len
-        encoder = model.item_encoder
-        self.can_add_items = encoder.tower != "id"  # content+id: a new item is its content vector alone
-        self._tokenizer = tokenizer_dir(config.text.encoder) if encoder.uses_text else None
-        self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
+        # From the config, not the item encoder, which a quick start builds only when an item is first encoded.
+        tower, modality = config.model.item_tower, config.model.modality
+        self.can_add_items = tower != "id"  # content+id: a new item is its content vector alone
+        self._tokenizer = tokenizer_dir(config.text.encoder) if tower != "id" and modality != "vision" else None
+        self._preprocessor = None  # the item encoder's image preprocessing, once an item is first encoded
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
         self.shortlist = shortlist
         self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
@@ -169,42 +170,45 @@ class Recommender:
             raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
         check_index(index)  # before the catalogue is encoded
         device = torch.device(device)
-        loaded = load_model(path, list(overrides), device=device)
-        model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
+        clock = PhaseClock()  # the phases of a start, logged once it is ready (pmmrec bench start reads them)
+        checkpoint = read_checkpoint(path, list(overrides))
+        clock.lap("checkpoint")
+        config, trained_ids = checkpoint.config, checkpoint.item_ids
         folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
         if embeddings is not None:
             if domain is None and folder is not None and not folder.is_dir():
                 folder = None  # the checkpoint's training domain is not on this machine: no titles, no images
-            return cls._from_embeddings(loaded, Path(embeddings), folder, device, unknown_items, index,
-                                        index_settings)
+            return cls._from_embeddings(build_model(checkpoint, device), Path(embeddings), folder, device,
+                                        unknown_items, index, index_settings)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
                               "(--domain FOLDER)")
         if id_tower:
             # An ID model's vectors are rows of its table: nothing to encode, nothing to store.
+            model = build_model(checkpoint, device).model
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
                        unknown_items=unknown_items, index=index, index_settings=index_settings)
-        catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
-                                       missing_image=config.data.missing_image if config.model.uses_images else None)
-        items = CatalogueItems.from_domain(catalogue_domain, id_rows(trained_ids, catalogue_domain.item_ids),
-                                           config.data.missing_image)
-        key = model_key(model, config, trained_ids)
         vector_store = None if store is None else VectorStore(default_store_path(path, folder) if store == "auto"
                                                               else store)
-        synced = sync_catalogue(model, config, items, key, vector_store, device, batch_size, progress,
-                                info={"checkpoint": str(path), "domain": str(folder)})
+        # The model and the vectors: read back from the store alone when nothing changed since the last start.
+        started = start_catalogue(checkpoint, folder, vector_store, overrides, device, batch_size, progress, clock)
+        model, catalogue_domain, key = started.model, started.domain, started.key
         refs = catalogue_domain.image_refs()
         present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
-        catalogue = Catalogue(catalogue_domain.item_ids, synced.vectors, catalogue_domain.titles, refs, present)
+        catalogue = Catalogue(catalogue_domain.item_ids, started.vectors, catalogue_domain.titles, refs, present)
         log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
                  config.model.modality, config.model.fusion, catalogue.dim)
-        tracker = CatalogueStore(vector_store, key) if vector_store is not None and synced.wrote != "failed" \
+        tracker = CatalogueStore(vector_store, key) if vector_store is not None and started.wrote != "failed" \
             else None
-        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
-                   store=tracker, index=index, index_settings=index_settings)
+        clock.lap("catalogue")
+        recommender = cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
+                          store=tracker, index=index, index_settings=index_settings)
+        clock.lap("index")
+        log.info("recommender: ready in %.3fs (%s)", clock.total(), clock)
+        return recommender
 
     @classmethod
     def _from_embeddings(cls, loaded: LoadedModel, embeddings: Path, folder: Path | None, device: torch.device,
@@ -426,7 +430,10 @@ class Recommender:
             cfg = self.config.text
             table = TokenTable.build(titles, self._tokenizer, cfg.max_tokens, cfg.lowercase)
             inputs.text_ids, inputs.text_mask = table.lookup(np.arange(1, n + 1))
-        if self._preprocessor is not None:
+        encoder = self.model.item_encoder
+        if encoder.uses_vision:
+            if self._preprocessor is None:
+                self._preprocessor = encoder.vision.preprocessor()
             pixels = []
             for iid_image in images:
                 if iid_image is None:

@@ -1,0 +1,171 @@
+"""How a content model's recommender gets its catalogue at start: the quick path and the full one (docs/design.md §8).
+
+The **full** path builds the whole model, reads the domain, computes the store key and each item's content digest,
+and brings the vector store in step with the catalogue (:func:`~pmmrec.inference.catalogue_vectors.sync_catalogue`,
+which encodes what is new or changed). When it ends with the store holding the catalogue row for row, it records so
+in the store's start-up cache, with the identities of every file that decided it
+(:meth:`~pmmrec.inference.start_cache.StartCache.record_catalogue`).
+
+The **quick** path is taken when that record still holds: the same checkpoint file, overrides and pmmrec version,
+the same ``items.tsv`` and image database, the same store manifest, and the same tokenizer files (the
+fingerprint in the key). Then nothing can have changed an item's vector, and the restart reads the domain (ids and
+titles) and the store (checked: sizes and SHA-256, key, ids in order) and answers with a :class:`DeferredModel`: the
+user encoder now, the item encoder (``transformers``, the pretrained weights) the first time an item is encoded.
+Anything else takes the full path; so does a store that fails its checks, which the full path then rebuilds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pmmrec.data.batch import ItemInputs
+from pmmrec.data.domain import Domain, read_domain
+from pmmrec.data.item_features import tokenizer_fingerprint
+from pmmrec.errors import PmmrecError
+from pmmrec.inference.catalogue_vectors import CatalogueItems, model_key, sync_catalogue
+from pmmrec.inference.start_cache import StartCache, catalogue_sources, file_identity, open_cache
+from pmmrec.inference.vector_store import StoreError, StoreKey, VectorStore
+from pmmrec.models.item_encoder import ItemEncoder
+from pmmrec.models.loading import Checkpoint, build_model, id_rows
+from pmmrec.models.pmmrec import PMMRec
+from pmmrec.models.user import build_user_encoder
+from pmmrec.pretrained import tokenizer_dir
+from pmmrec.utils.timing import PhaseClock
+
+log = logging.getLogger(__name__)
+
+USER_PREFIX = "user_encoder."
+
+
+class DeferredModel:
+    """What :class:`~pmmrec.inference.Recommender` calls of a :class:`~pmmrec.models.pmmrec.PMMRec`, with the
+    item encoder built on first use from the checkpoint's tensors, kept in memory (a checkpoint file replaced since
+    the start cannot mix in). ``key``: the store key the served vectors were computed under; the item encoder
+    built later must have it, or encoding an item is an error (its vectors would not match the catalogue's)."""
+
+    def __init__(self, checkpoint: Checkpoint, key: StoreKey, device: torch.device):
+        config = checkpoint.config
+        self.config, self.key, self.device = config, key, device
+        state = checkpoint.state["model"]
+        self.user_encoder = build_user_encoder(config.model, config.data.max_seq_len)
+        self.user_encoder.load_state_dict({name[len(USER_PREFIX):]: tensor for name, tensor in state.items()
+                                           if name.startswith(USER_PREFIX)})
+        self.user_encoder.to(device).eval()
+        # Only what build_model reads: the optimiser's state and the rest of the checkpoint are let go.
+        self._checkpoint: Checkpoint | None = Checkpoint(
+            checkpoint.path, {"model": state, "config": checkpoint.state["config"]}, config, checkpoint.item_ids)
+        self._model: PMMRec | None = None
+        self._lock = threading.Lock()
+
+    def eval(self) -> DeferredModel:
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the item encoder has been built."""
+        return self._model is not None
+
+    def encode_sequences(self, item_embs: Tensor, mask: Tensor) -> Tensor:
+        return self.user_encoder(item_embs, mask)  # (B, L, D) -> (B, L, D), as PMMRec.encode_sequences
+
+    @property
+    def item_encoder(self) -> ItemEncoder:
+        return self.full().item_encoder
+
+    def encode_items(self, items: ItemInputs) -> Tensor:
+        return self.full().encode_items(items)  # (N, D)
+
+    def full(self) -> PMMRec:
+        """The whole model, built once (thread-safe). Answers keep using this object's user encoder (the same
+        weights)."""
+        with self._lock:
+            if self._model is None:
+                started = time.perf_counter()
+                loaded = build_model(self._checkpoint, self.device)
+                key = model_key(loaded.model, loaded.config, loaded.item_ids)
+                if key != self.key:
+                    raise PmmrecError(
+                        f"{loaded.path}: the item encoder built now does not make the vectors the catalogue is served "
+                        f"with ({'; '.join(self.key.differences(key))}); restart the server")
+                self._model, self._checkpoint = loaded.model, None
+                log.info("item encoder loaded in %.1fs (deferred at start: every item's vector came from the store)",
+                         time.perf_counter() - started)
+            return self._model
+
+
+@dataclass
+class StartedCatalogue:
+    model: PMMRec | DeferredModel
+    domain: Domain
+    vectors: Tensor  # (N+1, D) float32, row 0 = padding
+    key: StoreKey
+    wrote: str  # what happened to the store (SyncResult.wrote); "nothing" on the quick path
+
+
+def start_catalogue(checkpoint: Checkpoint, folder: Path, store: VectorStore | None, overrides: Sequence[str],
+                    device: torch.device, batch_size: int, progress: bool, clock: PhaseClock) -> StartedCatalogue:
+    """The model and the catalogue's vectors of a content checkpoint over the domain ``folder``, by the quick path
+    when it holds, else the full one (see the module docstring). ``clock`` times the phases."""
+    cache = open_cache(store)
+    quick = _quick(checkpoint, folder, store, cache, overrides, device, clock) if cache is not None else None
+    if quick is not None:
+        return quick
+    loaded = build_model(checkpoint, device)
+    model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
+    clock.lap("model")
+    began, sources = time.time_ns(), [file_identity(p) for p in catalogue_sources(folder, config)]
+    domain = read_domain(folder, empty_title=config.data.empty_title,
+                         missing_image=config.data.missing_image if config.model.uses_images else None)
+    items = CatalogueItems.from_domain(domain, id_rows(trained_ids, domain.item_ids), config.data.missing_image)
+    clock.lap("domain")
+    key = model_key(model, config, trained_ids, cache, checkpoint.path, overrides)
+    clock.lap("key")
+    synced = sync_catalogue(model, config, items, key, store, device, batch_size, progress,
+                            info={"checkpoint": str(checkpoint.path), "domain": str(folder)})
+    clock.lap("vectors")
+    if cache is not None and synced.wrote != "failed" and config.model.item_tower == "content" and \
+            [file_identity(p) for p in catalogue_sources(folder, config)] == sources:
+        cache.record_catalogue(checkpoint.path, overrides, sources, began, key)
+    return StartedCatalogue(model, domain, synced.vectors, key, synced.wrote)
+
+
+def _quick(checkpoint: Checkpoint, folder: Path, store: VectorStore, cache: StartCache, overrides: Sequence[str],
+           device: torch.device, clock: PhaseClock) -> StartedCatalogue | None:
+    config = checkpoint.config
+    if config.model.item_tower != "content":  # content+id: ID rows depend on the trained ids (full path)
+        return None
+    key = cache.recorded_catalogue(checkpoint.path, overrides, catalogue_sources(folder, config))
+    if key is None:
+        return None
+    if config.model.modality != "vision" and \
+            tokenizer_fingerprint(tokenizer_dir(config.text.encoder)) != key.inputs.get("tokenizer"):
+        log.info("vector store %s: the tokenizer's files changed since the last start", store.path)
+        return None
+    # The images were checked (data.missing_image) by the start that made the record, on this same database.
+    domain = read_domain(folder, empty_title=config.data.empty_title)
+    clock.lap("domain")
+    try:
+        stored = store.read()
+    except StoreError as e:
+        log.warning("vector store %s is unusable, rebuilding it: %s", store.path, e)
+        return None
+    if stored.key != key or stored.ids != domain.item_ids:
+        return None
+    vectors = torch.zeros(len(stored.ids) + 1, key.dim)
+    np.copyto(vectors[1:].numpy(), stored.vectors)
+    clock.lap("vectors")
+    model = DeferredModel(checkpoint, key, device)
+    clock.lap("model")
+    log.info("catalogue vectors: %d reused, 0 encoded; store %s: nothing (quick start: the catalogue, the "
+             "checkpoint and the store are as the last start recorded them; the item encoder is loaded when an "
+             "item is first encoded)", len(stored.ids), store.path)
+    return StartedCatalogue(model, domain, vectors, key, "nothing")
