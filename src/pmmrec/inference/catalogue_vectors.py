@@ -72,11 +72,12 @@ def default_store_path(checkpoint: str | os.PathLike, domain: str | os.PathLike)
 
 
 def model_key(model: PMMRec, config: Config, trained_ids: Sequence[str], cache: StartCache | None = None,
-              checkpoint: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> StoreKey:
+              checkpoint: dict | None = None, overrides: Sequence[str] = ()) -> StoreKey:
     """The key of the vectors ``model`` makes: its item encoder's weights, dimension, tower and preprocessing.
 
-    With a start-up ``cache`` and the ``checkpoint`` (and ``overrides``) the model was loaded from, the weights
-    digest recorded for that unchanged checkpoint file is taken instead of hashing every tensor again
+    With a start-up ``cache``, the identity of the ``checkpoint`` file the model was loaded from (taken before it
+    was read: :func:`~pmmrec.inference.start_cache.file_identity`) and the ``overrides`` it was loaded with, the
+    weights digest recorded for that unchanged file is taken instead of hashing every tensor again
     (:mod:`pmmrec.inference.start_cache`)."""
     encoder = model.item_encoder
     inputs: dict = {}

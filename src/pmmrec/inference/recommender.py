@@ -47,7 +47,8 @@ from pmmrec.inference.catalogue_vectors import (
 )
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
-from pmmrec.inference.start import start_catalogue
+from pmmrec.inference.start import DeferredModel, start_catalogue
+from pmmrec.inference.start_cache import file_identity
 from pmmrec.inference.vector_store import VectorStore
 from pmmrec.models.loading import LoadedModel, build_model, read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
@@ -104,7 +105,7 @@ class RecommendResult:
 class Recommender:
     """A trained model plus an item catalogue; thread-safe (many recommending threads, items added at any time)."""
 
-    def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
+    def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
                  device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                  shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
                  index_settings: IndexSettings | None = None):
@@ -171,6 +172,7 @@ class Recommender:
         check_index(index)  # before the catalogue is encoded
         device = torch.device(device)
         clock = PhaseClock()  # the phases of a start, logged once it is ready (pmmrec bench start reads them)
+        identity = file_identity(path)  # before reading: a file replaced meanwhile must not pass for this one
         checkpoint = read_checkpoint(path, list(overrides))
         clock.lap("checkpoint")
         config, trained_ids = checkpoint.config, checkpoint.item_ids
@@ -194,7 +196,8 @@ class Recommender:
         vector_store = None if store is None else VectorStore(default_store_path(path, folder) if store == "auto"
                                                               else store)
         # The model and the vectors: read back from the store alone when nothing changed since the last start.
-        started = start_catalogue(checkpoint, folder, vector_store, overrides, device, batch_size, progress, clock)
+        started = start_catalogue(checkpoint, identity, folder, vector_store, overrides, device, batch_size,
+                                  progress, clock)
         model, catalogue_domain, key = started.model, started.domain, started.key
         refs = catalogue_domain.image_refs()
         present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()

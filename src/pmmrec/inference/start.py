@@ -111,12 +111,15 @@ class StartedCatalogue:
     wrote: str  # what happened to the store (SyncResult.wrote); "nothing" on the quick path
 
 
-def start_catalogue(checkpoint: Checkpoint, folder: Path, store: VectorStore | None, overrides: Sequence[str],
-                    device: torch.device, batch_size: int, progress: bool, clock: PhaseClock) -> StartedCatalogue:
+def start_catalogue(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: VectorStore | None,
+                    overrides: Sequence[str], device: torch.device, batch_size: int, progress: bool,
+                    clock: PhaseClock) -> StartedCatalogue:
     """The model and the catalogue's vectors of a content checkpoint over the domain ``folder``, by the quick path
-    when it holds, else the full one (see the module docstring). ``clock`` times the phases."""
+    when it holds, else the full one (see the module docstring). ``identity``: the checkpoint file's
+    (:func:`~pmmrec.inference.start_cache.file_identity`), taken before it was read. ``clock`` times the phases."""
     cache = open_cache(store)
-    quick = _quick(checkpoint, folder, store, cache, overrides, device, clock) if cache is not None else None
+    quick = _quick(checkpoint, identity, folder, store, cache, overrides, device, clock) if cache is not None \
+        else None
     if quick is not None:
         return quick
     loaded = build_model(checkpoint, device)
@@ -127,25 +130,26 @@ def start_catalogue(checkpoint: Checkpoint, folder: Path, store: VectorStore | N
                          missing_image=config.data.missing_image if config.model.uses_images else None)
     items = CatalogueItems.from_domain(domain, id_rows(trained_ids, domain.item_ids), config.data.missing_image)
     clock.lap("domain")
-    key = model_key(model, config, trained_ids, cache, checkpoint.path, overrides)
+    key = model_key(model, config, trained_ids, cache, identity, overrides)
     clock.lap("key")
     synced = sync_catalogue(model, config, items, key, store, device, batch_size, progress,
                             info={"checkpoint": str(checkpoint.path), "domain": str(folder)})
     clock.lap("vectors")
     if cache is not None and synced.wrote != "failed" and config.model.item_tower == "content" and \
             [file_identity(p) for p in catalogue_sources(folder, config)] == sources:
-        cache.record_catalogue(checkpoint.path, overrides, sources, began, key)
+        cache.record_catalogue(identity, overrides, sources, began, key)
     return StartedCatalogue(model, domain, synced.vectors, key, synced.wrote)
 
 
-def _quick(checkpoint: Checkpoint, folder: Path, store: VectorStore, cache: StartCache, overrides: Sequence[str],
-           device: torch.device, clock: PhaseClock) -> StartedCatalogue | None:
+def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: VectorStore, cache: StartCache,
+           overrides: Sequence[str], device: torch.device, clock: PhaseClock) -> StartedCatalogue | None:
     config = checkpoint.config
     if config.model.item_tower != "content":  # content+id: ID rows depend on the trained ids (full path)
         return None
-    key = cache.recorded_catalogue(checkpoint.path, overrides, catalogue_sources(folder, config))
-    if key is None:
+    recorded = cache.recorded_catalogue(identity, overrides, catalogue_sources(folder, config))
+    if recorded is None:
         return None
+    key, version = recorded
     if config.model.modality != "vision" and \
             tokenizer_fingerprint(tokenizer_dir(config.text.encoder)) != key.inputs.get("tokenizer"):
         log.info("vector store %s: the tokenizer's files changed since the last start", store.path)
@@ -158,8 +162,8 @@ def _quick(checkpoint: Checkpoint, folder: Path, store: VectorStore, cache: Star
     except StoreError as e:
         log.warning("vector store %s is unusable, rebuilding it: %s", store.path, e)
         return None
-    if stored.key != key or stored.ids != domain.item_ids:
-        return None
+    if stored.version != version or stored.key != key or stored.ids != domain.item_ids:
+        return None  # written since the record was checked (another process): the full path looks again
     vectors = torch.zeros(len(stored.ids) + 1, key.dim)
     np.copyto(vectors[1:].numpy(), stored.vectors)
     clock.lap("vectors")

@@ -1,32 +1,37 @@
 """What a restart would otherwise recompute from files that did not change, kept in the vector store's folder.
 
-docs/design.md §8. Two facts cost most of a restart on a large catalogue and change rarely:
+docs/design.md §8. Three facts cost most of a restart on a large catalogue and change rarely:
 
 - **image digests**: each item's image digest (``data.item_features.image_digest``) reads and hashes every image
-  of the domain's LMDB (about 2 s for 100,000 small images on a busy CPU);
+  of the domain's LMDB (about 1.5 s for 100,000 small images on a busy CPU);
 - **weights digest**: the item encoder's :func:`~pmmrec.runtime.feature_files.tensors_fingerprint`, which hashes
-  every tensor of the loaded encoders.
+  every tensor of the loaded encoders;
+- **the catalogue record**: that the store holds the whole catalogue, row for row, under the checkpoint's key.
+  It lets a restart skip the digests and the item encoder altogether (:mod:`pmmrec.inference.start`).
 
 Each is recorded with the *identity* of the files it was computed from: for every file, its resolved path, device,
-inode, size, modification time and change time (nanoseconds). A later start that finds every file with the same
-identity takes the recorded value; any difference (or a cache that is missing, unreadable, of another format, or
-whose array fails its SHA-256) means computing it again from the files, as without a cache. The identity is safe
-to trust because a file cannot change without it changing: writing a file sets its modification and change times,
-and the change time cannot be set back from user space (``touch -d`` or ``cp -p`` or ``rsync -t`` set the
-modification time, and thereby the change time to now); replacing a file (an atomic rename, as the training loop
-and ``pmmrec data`` write) gives it a new inode. One gap remains: two writes within one tick of the filesystem's
-clock, the first before the identity was taken and the second after, leave the same identity (git's "racy"
-problem). So nothing is recorded for a file modified less than :data:`RACY_S` seconds before its value was
-computed; the next start computes it again and records it then. An identity is also taken again after computing,
-and nothing is recorded if it moved (a write during the computation).
+inode, size, modification time and change time (nanoseconds), taken before the file was read. A later start that
+finds every file with the same identity takes the recorded value; any difference (or a cache that is missing,
+unreadable, of another format, or whose array fails its SHA-256) means computing it again from the files, as
+without a cache. The identity is safe to trust because a file cannot change without it changing: writing a file
+sets its modification and change times, and the change time cannot be set back from user space (``touch -d``,
+``cp -p`` or ``rsync -t`` set the modification time, and thereby the change time to now); replacing a file (an
+atomic rename, as the training loop and ``pmmrec data`` write) gives it a new inode. One gap remains: two writes
+within one tick of the filesystem's clock, the first before the identity was taken and the second after, leave the
+same identity (git's "racy" problem). So nothing is recorded for a file changed less than :data:`RACY_S` seconds
+before its value was computed; the next start computes it again and records it then. An identity is also taken
+again after computing, and nothing is recorded if it moved (a write during the computation).
 
-What is keyed (besides the files): the image digests by the list of (database, key) of every item and the
-``missing_image`` policy; the weights digest by the checkpoint, the config overrides and the pmmrec version. A
-checkpoint fixes the whole encoder: its tensors are loaded from it, and the frozen pretrained tensors it leaves
-out are checked against the SHA-256 it records of them at every load (``PMMRec.load_state_dict``).
+What is keyed besides the files: the image digests by the list of (database, key) of every item and the
+``missing_image`` policy; the weights digest and the catalogue record by the checkpoint, the config overrides and
+the pmmrec version (a checkpoint fixes the whole encoder: its tensors are loaded from it, and the frozen pretrained
+tensors it leaves out are checked against the SHA-256 it records of them when the model is built,
+``PMMRec.load_state_dict``); the catalogue record also by the store manifest's SHA-256 and version.
 
 The files: ``aux.start-cache.json`` (the records) and ``aux.image-digests.npy`` (the digests of the one catalogue
-the record describes), both written atomically. A store folder serving several catalogues keeps the last one's.
+the record describes), each written atomically; writing them is best effort (a read-only folder only costs the
+next start the same work again). The store's own checks are unchanged: every read of the store verifies each
+file's size and SHA-256 (0.1 s for 100,000 vectors of dimension 256), so a damaged store is never served.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ from pmmrec import __version__
 from pmmrec.config import Config
 from pmmrec.data.domain import find_domain_files
 from pmmrec.data.item_features import ImageRef
-from pmmrec.inference.vector_store import AUX_PREFIX, DIGEST_BYTES, StoreKey, VectorStore, file_sha256
+from pmmrec.inference.vector_store import (
+    AUX_PREFIX,
+    DIGEST_BYTES,
+    StoreError,
+    StoreKey,
+    VectorStore,
+    file_sha256,
+)
 from pmmrec.pretrained import VISION_BUILTINS
 from pmmrec.utils.io import atomic_file, atomic_write_text
 
@@ -82,6 +94,11 @@ def _settled(identities: list[dict | None], began_ns: int) -> bool:
 def _lmdb_files(refs: Sequence[ImageRef]) -> list[Path]:
     """The data files of the image databases ``refs`` point into (an LMDB's content is its ``data.mdb``)."""
     return [Path(db) / "data.mdb" for db in sorted({str(db) for db, _ in refs if db is not None})]
+
+
+def _unchanged(identity: dict | None) -> bool:
+    """Whether the file of ``identity`` (taken earlier) still has it."""
+    return identity is not None and file_identity(identity["path"]) == identity
 
 
 def _refs_digest(refs: Sequence[ImageRef], missing_image: str) -> str:
@@ -167,60 +184,60 @@ class StartCache:
         self._record("images", entry)
 
     # --------------------------------------------------------------------------------------------- weights
-    def weights_digest(self, checkpoint: str | os.PathLike, overrides: Sequence[str],
-                       compute: Callable[[], str]) -> str:
-        """The item encoder's weights digest for ``checkpoint`` loaded with ``overrides``: recorded if the
-        checkpoint file is unchanged since, else ``compute()`` (then recorded when the file has settled)."""
-        began, before = time.time_ns(), file_identity(checkpoint)
-        match = {"checkpoint": before, "overrides": list(overrides), "pmmrec": __version__}
+    def weights_digest(self, checkpoint: dict | None, overrides: Sequence[str], compute: Callable[[], str]) -> str:
+        """The item encoder's weights digest of a model loaded with ``overrides`` from the checkpoint file whose
+        identity was ``checkpoint`` (:func:`file_identity`, taken *before* it was read): the recorded one if the
+        file still has that identity, else ``compute()`` (then recorded when the file has settled)."""
+        began = time.time_ns()
+        unchanged = _unchanged(checkpoint)
+        match = {"checkpoint": checkpoint, "overrides": list(overrides), "pmmrec": __version__}
         records = self._data.get("weights")
         records = records if isinstance(records, list) else []
         for record in records:
-            if isinstance(record, dict) and {k: record.get(k) for k in match} == match and before is not None:
-                return str(record.get("weights"))
+            if unchanged and isinstance(record, dict) and {k: record.get(k) for k in match} == match and \
+                    isinstance(record.get("weights"), str):
+                return record["weights"]
         weights = compute()
-        if before is not None and file_identity(checkpoint) == before and _settled([before], began):
+        if unchanged and _unchanged(checkpoint) and _settled([checkpoint], began):
             kept = [r for r in records if isinstance(r, dict) and isinstance(r.get("checkpoint"), dict)
-                    and (r["checkpoint"].get("path"), r.get("overrides")) != (before["path"], match["overrides"])]
+                    and (r["checkpoint"].get("path"), r.get("overrides")) != (checkpoint["path"], match["overrides"])]
             self._record("weights", (kept + [{**match, "weights": weights}])[-MAX_WEIGHTS:])
         return weights
 
-
     # ------------------------------------------------------------------------------------------- catalogue
-    def _start_match(self, checkpoint: str | os.PathLike, overrides: Sequence[str]) -> dict:
-        return {"checkpoint": file_identity(checkpoint), "overrides": list(overrides), "pmmrec": __version__}
-
-    def record_catalogue(self, checkpoint: str | os.PathLike, overrides: Sequence[str], sources: list[dict | None],
+    def record_catalogue(self, checkpoint: dict | None, overrides: Sequence[str], sources: list[dict | None],
                          began_ns: int, key: StoreKey) -> None:
-        """Record that the store, as its manifest is now, holds every item of the catalogue whose files had the
-        identities ``sources`` (:func:`catalogue_sources`, taken at ``began_ns``, before they were read), row for
-        row, under ``key``: what :meth:`recorded_catalogue` lets the next start rely on."""
-        match = self._start_match(checkpoint, overrides)
+        """Record that the store, as it is now, holds every item of the catalogue row for row under ``key``, for
+        the model loaded with ``overrides`` from the checkpoint file of identity ``checkpoint`` (taken before it
+        was read) and the catalogue files of identities ``sources`` (:func:`catalogue_sources`, taken at
+        ``began_ns``, before they were read): what :meth:`recorded_catalogue` lets the next start rely on."""
+        if not _unchanged(checkpoint) or not _settled([checkpoint, *sources], began_ns):
+            return
         try:
-            manifest = hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest()
-        except OSError:
+            manifest = self.store.manifest()
+            digest = hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest()
+        except (OSError, StoreError):
             return
-        if match["checkpoint"] is None or not _settled([match["checkpoint"], *sources], began_ns):
-            return
-        self._record("catalogue", {**match, "sources": sources, "manifest": manifest, "key": key.to_dict()})
+        self._record("catalogue", {"checkpoint": checkpoint, "overrides": list(overrides), "pmmrec": __version__,
+                                   "sources": sources, "manifest": digest, "version": int(manifest["version"]),
+                                   "key": key.to_dict()})
 
-    def recorded_catalogue(self, checkpoint: str | os.PathLike, overrides: Sequence[str],
-                           sources: Sequence[Path]) -> StoreKey | None:
-        """The key the store holds this whole catalogue under, if the last start recorded it (:meth:`record_
-        catalogue`) and the checkpoint, the overrides, pmmrec, the catalogue's files and the store's manifest are
-        all unchanged since; None otherwise."""
+    def recorded_catalogue(self, checkpoint: dict | None, overrides: Sequence[str],
+                           sources: Sequence[Path]) -> tuple[StoreKey, int] | None:
+        """``(key, store version)`` under which the store holds this whole catalogue, if the last start recorded
+        it (:meth:`record_catalogue`) and the checkpoint file (identity ``checkpoint``, taken before it was read),
+        the overrides, pmmrec, the catalogue's files and the store's manifest are all unchanged since; else None.
+        The caller checks that the store it reads has that version (a writer may commit in between)."""
         entry = self._data.get("catalogue")
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or not _unchanged(checkpoint):
             return None
-        match = self._start_match(checkpoint, overrides)
-        if match["checkpoint"] is None or {k: entry.get(k) for k in match} != match:
-            return None
-        if entry.get("sources") != _identities(list(sources)):
+        match = {"checkpoint": checkpoint, "overrides": list(overrides), "pmmrec": __version__}
+        if {k: entry.get(k) for k in match} != match or entry.get("sources") != _identities(list(sources)):
             return None
         try:
             if hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest() != entry.get("manifest"):
                 return None
-            return StoreKey.from_dict(entry["key"])
+            return StoreKey.from_dict(entry["key"]), int(entry["version"])
         except (OSError, KeyError, TypeError, ValueError):
             return None
 
