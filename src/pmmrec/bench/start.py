@@ -66,8 +66,8 @@ START_TIMEOUT_S = 3600.0
 SEED = 0
 
 # Log lines a start is timed by (pmmrec.inference.recommender, pmmrec.inference.catalogue_vectors, uvicorn).
-_READY = re.compile(r"recommender: ready in ([\d.]+)s \((.*)\)")
-_SYNC = re.compile(r"catalogue vectors: (\d+) reused, (\d+) encoded in ([\d.]+)s.*?\((.*)\)")
+_READY = re.compile(r"recommender: ready in ([\d.]+)s \(([^()]*)\)\s*$")
+_SYNC = re.compile(r"catalogue vectors: (\d+) reused, (\d+) encoded in ([\d.]+)s.*\(([^()]*)\)\s*$")
 _PHASE = re.compile(r"([a-z][a-z ]*?) ([\d.]+)s")
 _UVICORN = "Application startup complete"
 

@@ -264,3 +264,16 @@ def test_the_store_accepts_its_start_up_cache_files(checkpoint, domain):
     stored = store.read()
     store.write(stored.key, stored.ids, stored.digests, np.asarray(stored.vectors))
     assert (store.path / CACHE).is_file()  # a rewrite leaves them (they are keyed by what they depend on)
+
+
+def test_a_store_committed_after_the_record_was_checked_takes_the_full_path(checkpoint, domain, counted):
+    """The record names the store version it describes: a store read at another version (a writer committed
+    between the check of the manifest and the read) is not served by the quick path."""
+    Recommender.from_checkpoint(checkpoint, domain)
+    cache = default_store_path(checkpoint, domain) / CACHE
+    data = json.loads(cache.read_text())
+    data["catalogue"]["version"] += 1
+    cache.write_text(json.dumps(data))
+    _reset(counted)
+    rec = Recommender.from_checkpoint(checkpoint, domain)
+    assert isinstance(rec.model, PMMRec) and counted["encoded"] == 0
