@@ -52,9 +52,9 @@ class DeferredModel:
     the start cannot mix in). ``key``: the store key the served vectors were computed under; the item encoder
     built later must have it, or encoding an item is an error (its vectors would not match the catalogue's)."""
 
-    def __init__(self, checkpoint: Checkpoint, key: StoreKey, device: torch.device):
+    def __init__(self, checkpoint: Checkpoint, key: StoreKey, device: torch.device, cache: StartCache | None = None):
         config = checkpoint.config
-        self.config, self.key, self.device = config, key, device
+        self.config, self.key, self.device, self.cache = config, key, device, cache
         state = checkpoint.state["model"]
         self.user_encoder = build_user_encoder(config.model, config.data.max_seq_len)
         self.user_encoder.load_state_dict({name[len(USER_PREFIX):]: tensor for name, tensor in state.items()
@@ -93,9 +93,14 @@ class DeferredModel:
                 loaded = build_model(self._checkpoint, self.device)
                 key = model_key(loaded.model, loaded.config, loaded.item_ids)
                 if key != self.key:
+                    # E.g. preprocessing code changed under the same pmmrec version: the record that let this start
+                    # skip the checks is dropped, so that the next start checks (and re-encodes) every item.
+                    if self.cache is not None:
+                        self.cache.forget_catalogue()
                     raise PmmrecError(
                         f"{loaded.path}: the item encoder built now does not make the vectors the catalogue is served "
-                        f"with ({'; '.join(self.key.differences(key))}); restart the server")
+                        f"with ({'; '.join(self.key.differences(key))}); restart the server: the next start checks "
+                        "every item again")
                 self._model, self._checkpoint = loaded.model, None
                 log.info("item encoder loaded in %.1fs (deferred at start: every item's vector came from the store)",
                          time.perf_counter() - started)
@@ -167,7 +172,7 @@ def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: V
     vectors = torch.zeros(len(stored.ids) + 1, key.dim)
     np.copyto(vectors[1:].numpy(), stored.vectors)
     clock.lap("vectors")
-    model = DeferredModel(checkpoint, key, device)
+    model = DeferredModel(checkpoint, key, device, cache)
     clock.lap("model")
     log.info("catalogue vectors: %d reused, 0 encoded; store %s: nothing (quick start: the catalogue, the "
              "checkpoint and the store are as the last start recorded them; the item encoder is loaded when an "

@@ -222,6 +222,10 @@ class StartCache:
                                    "sources": sources, "manifest": digest, "version": int(manifest["version"]),
                                    "key": key.to_dict()})
 
+    def forget_catalogue(self) -> None:
+        """Drop the catalogue record: the next start takes the full path (checks every item again)."""
+        self._record("catalogue", None)
+
     def recorded_catalogue(self, checkpoint: dict | None, overrides: Sequence[str],
                            sources: Sequence[Path]) -> tuple[StoreKey, int] | None:
         """``(key, store version)`` under which the store holds this whole catalogue, if the last start recorded

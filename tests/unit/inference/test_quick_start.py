@@ -246,14 +246,19 @@ def test_the_weights_digest_is_keyed_by_the_checkpoint_file_and_overrides(checkp
     assert cache.weights_digest(None, [], lambda: compute("w4")) == "w4"  # no file: nothing to key it by
 
 
-def test_a_deferred_item_encoder_that_would_make_other_vectors_is_an_error(checkpoint):
+def test_a_deferred_item_encoder_that_would_make_other_vectors_is_an_error(checkpoint, domain, counted):
+    Recommender.from_checkpoint(checkpoint, domain)  # records the catalogue
+    store = VectorStore(default_store_path(checkpoint, domain))
     loaded = read_checkpoint(checkpoint)
     wrong = StoreKey("0" * 32, loaded.config.model.dim)
-    model = DeferredModel(loaded, wrong, torch.device("cpu"))
+    model = DeferredModel(loaded, wrong, torch.device("cpu"), StartCache(store))
     states = model.encode_sequences(torch.zeros(1, 3, wrong.dim), torch.ones(1, 3, dtype=torch.bool))
     assert states.shape == (1, 3, wrong.dim)  # the user encoder needs no item encoder
     with pytest.raises(PmmrecError, match="does not make the vectors the catalogue is served with"):
         model.full()
+    _reset(counted)
+    rec = Recommender.from_checkpoint(checkpoint, domain)  # the record was dropped: every item checked again
+    assert isinstance(rec.model, PMMRec) and counted["encoded"] == 0  # the full path, the store still matching
 
 
 def test_the_store_accepts_its_start_up_cache_files(checkpoint, domain):
