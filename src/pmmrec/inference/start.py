@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pmmrec.data.batch import ItemInputs
-from pmmrec.data.domain import Domain, read_domain
+from pmmrec.data.domain import Domain, find_domain_files, read_domain, read_items
 from pmmrec.data.item_features import tokenizer_fingerprint
 from pmmrec.errors import PmmrecError
 from pmmrec.inference.catalogue_vectors import CatalogueItems, model_key, sync_catalogue
@@ -159,8 +159,10 @@ def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: V
             tokenizer_fingerprint(tokenizer_dir(config.text.encoder)) != key.inputs.get("tokenizer"):
         log.info("vector store %s: the tokenizer's files changed since the last start", store.path)
         return None
-    # The images were checked (data.missing_image) by the start that made the record, on this same database.
-    domain = read_domain(folder, empty_title=config.data.empty_title)
+    # The start that made the record checked the images (data.missing_image) and users.tsv, as they still are.
+    files = find_domain_files(folder)
+    ids, titles = read_items(files.items, config.data.empty_title)
+    domain = Domain(folder.resolve().name, ids, titles, [], [], image_db=files.images, path=folder)
     clock.lap("domain")
     try:
         stored = store.read()

@@ -248,10 +248,11 @@ class StartCache:
 
 def catalogue_sources(folder: str | os.PathLike, config: Config) -> list[Path]:
     """The files whose content fixes a domain's catalogue as a content model sees it: ``items.tsv`` (ids and
-    titles), the image database, and a local vision encoder's preprocessing config. (A tokenizer's files are
-    checked by their fingerprint, in the key.)"""
+    titles), the image database, and a local vision encoder's preprocessing config; and ``users.tsv``, which the
+    full path validates (the quick path does not read it). A tokenizer's files are checked by their fingerprint, in
+    the key."""
     files = find_domain_files(folder)
-    out = [files.items]
+    out = [files.items, files.users]
     if files.images is not None:
         out.append(files.images / "data.mdb")
     if config.model.uses_images and config.vision.encoder not in VISION_BUILTINS:

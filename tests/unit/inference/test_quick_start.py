@@ -282,3 +282,13 @@ def test_a_store_committed_after_the_record_was_checked_takes_the_full_path(chec
     _reset(counted)
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert isinstance(rec.model, PMMRec) and counted["encoded"] == 0
+
+
+def test_a_changed_users_file_takes_the_full_path(checkpoint, domain, counted):
+    """The quick path reads items.tsv only; users.tsv is validated by the full path, so a changed one goes there
+    (an unknown item in it is then the error it always was)."""
+    Recommender.from_checkpoint(checkpoint, domain)
+    with open(domain / "users.tsv", "a") as f:
+        f.write("late_user\tno_such_item\n")
+    with pytest.raises(PmmrecError, match="no_such_item"):
+        Recommender.from_checkpoint(checkpoint, domain)
