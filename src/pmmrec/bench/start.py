@@ -211,7 +211,8 @@ def _breakdown(lines: _Lines, seconds: float) -> dict:
         raise PmmrecError("bench start: the server never logged 'recommender: ready' (is this pmmrec's serve?)")
     ready_at, match = ready
     loading = float(match.group(1))
-    out = {"before_loading": round(ready_at - loading, 3), "loading": loading, "loading_phases": _phases(match.group(2))}
+    out = {"before_loading": round(ready_at - loading, 3), "loading": loading,
+           "loading_phases": _phases(match.group(2))}
     if sync is not None:
         found = sync[1]
         out["vectors"] = {"reused": int(found.group(1)), "encoded": int(found.group(2)),

@@ -105,11 +105,13 @@ class RecommendResult:
 class Recommender:
     """A trained model plus an item catalogue; thread-safe (many recommending threads, items added at any time)."""
 
-    def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
-                 device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
+    def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *,
+                 domain: Path | None = None, device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                  shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
                  index_settings: IndexSettings | None = None):
-        """``shortlist``: score large catalogues with a certified bfloat16 first pass
+        """``model``: a :class:`~pmmrec.models.pmmrec.PMMRec`, or the :class:`~pmmrec.inference.start.DeferredModel`
+        of a quick start (the user encoder now, the item encoder when an item is first encoded).
+        ``shortlist``: score large catalogues with a certified bfloat16 first pass
         (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
         ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`).
 
@@ -162,7 +164,9 @@ class Recommender:
         A content model's item vectors come from a vector store (docs/design.md §8): ``store="auto"`` keeps it
         beside the checkpoint (:func:`~pmmrec.inference.catalogue_vectors.default_store_path`), a folder puts it
         there, None encodes the whole catalogue and stores nothing. Only items that are new or changed since the
-        store was written are encoded; a store of another model or damaged is rebuilt. ``embeddings`` serves the
+        store was written are encoded; a store of another model or damaged is rebuilt. When nothing changed since
+        the last start (the checkpoint file, the domain's files, the store), the start reads the store and builds
+        the item encoder only when an item is first encoded (:mod:`pmmrec.inference.start`). ``embeddings`` serves the
         store in that folder (``pmmrec export-embeddings``) as the catalogue, as is; it must come from this
         checkpoint's item encoder. Titles and images (for display) then come from ``domain`` when there is one.
         ``index`` and ``index_settings``: exact or approximate search, as in the constructor.

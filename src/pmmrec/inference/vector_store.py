@@ -327,7 +327,8 @@ class VectorStore:
         if not self.path.is_dir():
             raise StoreError(f"{self.path} is a file; a vector store is a folder")
         foreign = [p.name for p in self.path.iterdir()
-                   if p.name not in (MANIFEST, LOCK) and not _SEGMENT_FILE.match(p.name) and not p.name.startswith(AUX_PREFIX)
+                   if p.name not in (MANIFEST, LOCK) and not _SEGMENT_FILE.match(p.name)
+                   and not p.name.startswith(AUX_PREFIX)
                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
         if foreign:
             raise StoreError(f"{self.path} holds files that are not a vector store's ({', '.join(sorted(foreign)[:3])}"
