@@ -9,7 +9,7 @@ from pmmrec.bench import start
 from pmmrec.cli import main
 
 
-@pytest.mark.slow  # three `pmmrec serve` processes, each importing torch: about 20 s
+@pytest.mark.slow  # four `pmmrec serve` processes, each importing torch: about 25 s
 def test_bench_start_quick_times_a_cold_start_and_restarts(tmp_path):
     out = tmp_path / "start.json"
     assert main(["bench", "start", "--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
@@ -25,8 +25,12 @@ def test_bench_start_quick_times_a_cold_start_and_restarts(tmp_path):
     # The cold start recorded the catalogue: every restart is the quick one (no item encoder, nothing hashed).
     assert all("vectors" not in run and "key" not in run["loading_phases"] for run in warm["runs"])
     assert warm["seconds"] == warm["runs"][1]["seconds"] and result["meets_target"] == (warm["seconds"] <= 5.0)
+    changed = result["changed"]
+    assert changed["vectors"]["encoded"] == 1 and changed["vectors"]["reused"] == 119
+    assert "key" in changed["loading_phases"]  # the full path
     # The work folder keeps the catalogue and the checkpoint for the next run.
-    assert (tmp_path / "work" / "catalogue-120-32px" / "items.tsv").is_file()
+    catalogue = tmp_path / "work" / "catalogue-120-32px"
+    assert "bench start changed" not in (catalogue / "items.tsv").read_text()  # the title was put back
     assert (tmp_path / "work" / "checkpoint-tiny.pt").is_file()
 
 
