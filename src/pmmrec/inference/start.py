@@ -8,9 +8,10 @@ in the store's start-up cache, with the identities of every file that decided it
 
 The **quick** path is taken when that record still holds: the same checkpoint file, overrides and pmmrec version,
 the same ``items.tsv`` and image database, the same store manifest, and the same tokenizer files (the
-fingerprint in the key). Then nothing can have changed an item's vector, and the restart reads the domain (ids and
-titles) and the store (checked: sizes and SHA-256, key, ids in order) and answers with a :class:`DeferredModel`: the
-user encoder now, the item encoder (``transformers``, the pretrained weights) the first time an item is encoded.
+fingerprint in the key). Then nothing can have changed an item's vector, and the restart reads ``items.tsv`` (ids
+and titles) and the store (checked: sizes and SHA-256, key, version, ids in order) and answers with a
+:class:`DeferredModel`: the user encoder now, the item encoder (``transformers``, the pretrained weights) the first
+time an item is encoded. ``users.tsv`` decides no vector: when it changed, it is validated as the full path does.
 Anything else takes the full path; so does a store that fails its checks, which the full path then rebuilds.
 """
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pmmrec.data.batch import ItemInputs
-from pmmrec.data.domain import Domain, find_domain_files, read_domain, read_items
+from pmmrec.data.domain import Domain, find_domain_files, read_domain, read_items, read_users
 from pmmrec.data.item_features import tokenizer_fingerprint
 from pmmrec.errors import PmmrecError
 from pmmrec.inference.catalogue_vectors import CatalogueItems, model_key, sync_catalogue
@@ -131,6 +132,7 @@ def start_catalogue(checkpoint: Checkpoint, identity: dict | None, folder: Path,
     model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
     clock.lap("model")
     began, sources = time.time_ns(), [file_identity(p) for p in catalogue_sources(folder, config)]
+    users = file_identity(find_domain_files(folder).users)
     domain = read_domain(folder, empty_title=config.data.empty_title,
                          missing_image=config.data.missing_image if config.model.uses_images else None)
     items = CatalogueItems.from_domain(domain, id_rows(trained_ids, domain.item_ids), config.data.missing_image)
@@ -142,7 +144,7 @@ def start_catalogue(checkpoint: Checkpoint, identity: dict | None, folder: Path,
     clock.lap("vectors")
     if cache is not None and synced.wrote != "failed" and config.model.item_tower == "content" and \
             [file_identity(p) for p in catalogue_sources(folder, config)] == sources:
-        cache.record_catalogue(identity, overrides, sources, began, key)
+        cache.record_catalogue(identity, overrides, sources, users, began, key)
     return StartedCatalogue(model, domain, synced.vectors, key, synced.wrote)
 
 
@@ -154,14 +156,19 @@ def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: V
     recorded = cache.recorded_catalogue(identity, overrides, catalogue_sources(folder, config))
     if recorded is None:
         return None
-    key, version = recorded
+    key, version = recorded.key, recorded.version
     if config.model.modality != "vision" and \
             tokenizer_fingerprint(tokenizer_dir(config.text.encoder)) != key.inputs.get("tokenizer"):
         log.info("vector store %s: the tokenizer's files changed since the last start", store.path)
         return None
-    # The start that made the record checked the images (data.missing_image) and users.tsv, as they still are.
+    # The start that made the record checked the images (data.missing_image), as they still are.
     files = find_domain_files(folder)
     ids, titles = read_items(files.items, config.data.empty_title)
+    began, users = time.time_ns(), file_identity(files.users)
+    if users is None or users != recorded.users:  # users.tsv changed: validated as the full path does
+        read_users(files.users, {item_id: n for n, item_id in enumerate(ids, start=1)})
+        if file_identity(files.users) == users:
+            cache.record_users(users, began)
     domain = Domain(folder.resolve().name, ids, titles, [], [], image_db=files.images, path=folder)
     clock.lap("domain")
     try:

@@ -42,6 +42,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -206,11 +207,12 @@ class StartCache:
 
     # ------------------------------------------------------------------------------------------- catalogue
     def record_catalogue(self, checkpoint: dict | None, overrides: Sequence[str], sources: list[dict | None],
-                         began_ns: int, key: StoreKey) -> None:
+                         users: dict | None, began_ns: int, key: StoreKey) -> None:
         """Record that the store, as it is now, holds every item of the catalogue row for row under ``key``, for
         the model loaded with ``overrides`` from the checkpoint file of identity ``checkpoint`` (taken before it
         was read) and the catalogue files of identities ``sources`` (:func:`catalogue_sources`, taken at
-        ``began_ns``, before they were read): what :meth:`recorded_catalogue` lets the next start rely on."""
+        ``began_ns``, before they were read): what :meth:`recorded_catalogue` lets the next start rely on.
+        ``users``: the identity of the ``users.tsv`` this start validated (it does not decide any vector)."""
         if not _unchanged(checkpoint) or not _settled([checkpoint, *sources], began_ns):
             return
         try:
@@ -220,18 +222,25 @@ class StartCache:
             return
         self._record("catalogue", {"checkpoint": checkpoint, "overrides": list(overrides), "pmmrec": __version__,
                                    "sources": sources, "manifest": digest, "version": int(manifest["version"]),
-                                   "key": key.to_dict()})
+                                   "key": key.to_dict(), "users": users if _settled([users], began_ns) else None})
+
+    def record_users(self, users: dict | None, began_ns: int) -> None:
+        """Record that the ``users.tsv`` of identity ``users`` (taken at ``began_ns``, before it was read) was
+        validated against the recorded catalogue."""
+        entry = self._read().get("catalogue")
+        if isinstance(entry, dict) and _settled([users], began_ns):
+            self._record("catalogue", {**entry, "users": users})
 
     def forget_catalogue(self) -> None:
         """Drop the catalogue record: the next start takes the full path (checks every item again)."""
         self._record("catalogue", None)
 
     def recorded_catalogue(self, checkpoint: dict | None, overrides: Sequence[str],
-                           sources: Sequence[Path]) -> tuple[StoreKey, int] | None:
-        """``(key, store version)`` under which the store holds this whole catalogue, if the last start recorded
-        it (:meth:`record_catalogue`) and the checkpoint file (identity ``checkpoint``, taken before it was read),
-        the overrides, pmmrec, the catalogue's files and the store's manifest are all unchanged since; else None.
-        The caller checks that the store it reads has that version (a writer may commit in between)."""
+                           sources: Sequence[Path]) -> CatalogueRecord | None:
+        """What the last start recorded of this catalogue (:meth:`record_catalogue`), if the checkpoint file
+        (identity ``checkpoint``, taken before it was read), the overrides, pmmrec, the catalogue's files and the
+        store's manifest are all unchanged since; else None. The caller checks that the store it reads has the
+        recorded version (a writer may commit in between)."""
         entry = self._data.get("catalogue")
         if not isinstance(entry, dict) or not _unchanged(checkpoint):
             return None
@@ -241,18 +250,24 @@ class StartCache:
         try:
             if hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest() != entry.get("manifest"):
                 return None
-            return StoreKey.from_dict(entry["key"]), int(entry["version"])
+            return CatalogueRecord(StoreKey.from_dict(entry["key"]), int(entry["version"]), entry.get("users"))
         except (OSError, KeyError, TypeError, ValueError):
             return None
 
 
+@dataclass(frozen=True)
+class CatalogueRecord:
+    key: StoreKey  # the key the store holds the whole catalogue under
+    version: int  # the store's version then
+    users: dict | None  # the identity of the users.tsv validated then (None: validate it)
+
+
 def catalogue_sources(folder: str | os.PathLike, config: Config) -> list[Path]:
     """The files whose content fixes a domain's catalogue as a content model sees it: ``items.tsv`` (ids and
-    titles), the image database, and a local vision encoder's preprocessing config; and ``users.tsv``, which the
-    full path validates (the quick path does not read it). A tokenizer's files are checked by their fingerprint, in
-    the key."""
+    titles), the image database, and a local vision encoder's preprocessing config. (A tokenizer's files are
+    checked by their fingerprint, in the key; ``users.tsv`` decides no vector.)"""
     files = find_domain_files(folder)
-    out = [files.items, files.users]
+    out = [files.items]
     if files.images is not None:
         out.append(files.images / "data.mdb")
     if config.model.uses_images and config.vision.encoder not in VISION_BUILTINS:

@@ -284,11 +284,17 @@ def test_a_store_committed_after_the_record_was_checked_takes_the_full_path(chec
     assert isinstance(rec.model, PMMRec) and counted["encoded"] == 0
 
 
-def test_a_changed_users_file_takes_the_full_path(checkpoint, domain, counted):
-    """The quick path reads items.tsv only; users.tsv is validated by the full path, so a changed one goes there
-    (an unknown item in it is then the error it always was)."""
+def test_a_changed_users_file_is_validated_again_and_decides_no_vector(checkpoint, domain, counted):
+    """users.tsv decides no item's vector: a changed one keeps the quick path, which validates it as the full
+    path does (an unknown item in it is the error it always was)."""
     Recommender.from_checkpoint(checkpoint, domain)
+    ids = read_domain(domain).item_ids
     with open(domain / "users.tsv", "a") as f:
-        f.write("late_user\tno_such_item\n")
+        f.write(f"late_user\t{ids[0]} {ids[1]}\n")
+    _reset(counted)
+    rec = Recommender.from_checkpoint(checkpoint, domain)
+    assert isinstance(rec.model, DeferredModel) and counted == {"encoded": 0, "image_digests": 0, "weights": 0}
+    with open(domain / "users.tsv", "a") as f:
+        f.write("later_user\tno_such_item\n")
     with pytest.raises(PmmrecError, match="no_such_item"):
         Recommender.from_checkpoint(checkpoint, domain)
