@@ -123,7 +123,8 @@ def _seed_store(checkpoint: Path, domain: Path, store: Path) -> float:
     started = time.perf_counter()
     loaded = load_model(checkpoint)
     config = loaded.config
-    catalogue = read_domain(domain, empty_title=config.data.empty_title, missing_image=config.data.missing_image)
+    catalogue = read_domain(domain, empty_title=config.data.empty_title,
+                            missing_image=config.data.missing_image if config.model.uses_images else None)
     items = CatalogueItems.from_domain(catalogue, id_rows(loaded.item_ids, catalogue.item_ids),
                                        config.data.missing_image)
     key = model_key(loaded.model, config, loaded.item_ids)

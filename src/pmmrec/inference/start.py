@@ -173,8 +173,8 @@ def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: V
     clock.lap("domain")
     try:
         stored = store.read()
-    except StoreError as e:
-        log.warning("vector store %s is unusable, rebuilding it: %s", store.path, e)
+    except StoreError as e:  # the full path reads it again, says why it is unusable, and rebuilds it
+        log.info("vector store %s failed its checks (%s): taking the full path", store.path, e)
         return None
     if stored.version != version or stored.key != key or stored.ids != domain.item_ids:
         return None  # written since the record was checked (another process): the full path looks again
