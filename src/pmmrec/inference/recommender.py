@@ -36,7 +36,7 @@ from pmmrec.data.images import open_image
 from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
-from pmmrec.evaluation.ranking import topk_items
+from pmmrec.evaluation.ranking import ItemBlocks, topk_items
 from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
@@ -135,11 +135,11 @@ class Recommender:
         self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
         self.shortlist = shortlist
-        self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
+        self._scorer: tuple[ItemBlocks, ShortlistScorer] | None = None  # (a snapshot's items, their scorer)
         self.store = store
         # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
         # every later snapshot, whose added items it searches exactly.
-        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().vectors, self.index,
+        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().items, self.index,
                                                                         self.index_settings)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -252,7 +252,7 @@ class Recommender:
     def item_vectors(self) -> tuple[list[str], np.ndarray]:
         """Every item's id and vector, ``(ids, (N, D) float32)``, in catalogue order."""
         snap = self.catalogue.snapshot()
-        return list(snap.ids[: snap.count]), snap.vectors[1:].numpy().astype(np.float32, copy=True)
+        return list(snap.ids[: snap.count]), snap.items.rows(1, snap.count + 1).numpy().astype(np.float32, copy=True)
 
     def _numbers(self, snap: Snapshot, history: Sequence[str], unknown_items: UnknownItems) -> tuple[
             np.ndarray, list[str]]:
@@ -274,9 +274,9 @@ class Recommender:
     @torch.no_grad()
     def _user_vectors(self, snap: Snapshot, histories: list[np.ndarray]) -> Tensor:
         """(U, D) user vectors: the user encoder's state after the last max_seq_len items (as in evaluation)."""
-        inputs = torch.from_numpy(np.stack([left_pad(h, self.max_seq_len) for h in histories])).to(self.device)
-        vectors = snap.vectors.to(self.device)
-        states = self.model.encode_sequences(vectors[inputs], inputs != 0)  # (U, L, D)
+        numbers = torch.from_numpy(np.stack([left_pad(h, self.max_seq_len) for h in histories]))  # (U, L)
+        inputs = numbers.to(self.device)
+        states = self.model.encode_sequences(snap.items.gather(numbers).to(self.device), inputs != 0)  # (U, L, D)
         return states[:, -1].float()
 
     def encode_user(self, history: Sequence[str], unknown_items: UnknownItems | None = None) -> Tensor:
@@ -330,11 +330,11 @@ class Recommender:
             exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
             scorer = self._shortlist_scorer(snap) if self._ann is None else None
             if self._ann is not None:
-                scores, items = self._ann.topk(users, snap.vectors, width, exclude)  # (U, width)
+                scores, items = self._ann.topk(users, snap.items, width, exclude)  # (U, width)
             elif scorer is not None:
                 scores, items = scorer.topk(users, width, exclude)  # (U, width)
             else:
-                scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)
+                scores, items = topk_items(users, snap.items, width, exclude)
             scores, items = scores.cpu().tolist(), items.cpu().tolist()
             for row, (i, numbers, unknown, k, _) in enumerate(parsed):
                 # Slots past the candidates left (fewer than k) hold item 0: padding, dropped.
@@ -348,19 +348,19 @@ class Recommender:
         if snap.count < SHORTLIST_MIN_ITEMS or self.device.type != "cpu":
             return None
         if self.shortlist is None:
-            self.shortlist = bf16_pays(snap.buffer.shape[1])
+            self.shortlist = bf16_pays(snap.items.dim)
         if not self.shortlist:
             return None
         cached = self._scorer
-        if cached is not None and not cached[2].pays:  # the certificate keeps failing: float32 from now on
+        if cached is not None and not cached[1].pays:  # the certificate keeps failing: float32 from now on
             log.info("recommender: the bfloat16 shortlist needed the float32 path for %d of %d users; scoring in "
-                     "float32 from now on", cached[2].fallbacks, cached[2].users)
+                     "float32 from now on", cached[1].fallbacks, cached[1].users)
             self.shortlist, self._scorer = False, None
             return None
-        if cached is not None and cached[0] is snap.buffer and cached[1] == snap.count:
-            return cached[2]
-        scorer = ShortlistScorer(snap.vectors)
-        self._scorer = (snap.buffer, snap.count, scorer)  # one assignment: concurrent readers see old or new
+        if cached is not None and cached[0] is snap.items:
+            return cached[1]
+        scorer = ShortlistScorer(snap.items)
+        self._scorer = (snap.items, scorer)  # one assignment: concurrent readers see old or new
         return scorer
 
     @staticmethod
