@@ -155,3 +155,89 @@ def test_bench_serve_quick_writes_the_contract(tmp_path):
     recall = result["recall"]
     assert 0.9 <= recall["recall@10"] <= 1.0 and recall["queries"] == 500
     assert recall["history_items_returned"] == 0 and recall["short_answers"] == 0
+
+
+def _start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``pmmrec serve`` with ``args`` on a free loopback port, once it answers; returns the process and base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "pmmrec", "serve", "--port", str(port), "--threads", "1",
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return process, url
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "pmmrec serve did not answer"
+            time.sleep(0.3)
+
+
+def _workers_seen(url: str, want: int, tries: int = 400) -> dict[int, dict]:
+    """The /health of each worker that answered, by process id, asking on new connections until ``want`` of them
+    answered (the kernel hands each connection to one of the workers accepting on the shared socket)."""
+    seen: dict[int, dict] = {}
+    for _ in range(tries):
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        seen[health["worker"]] = health
+        if len(seen) >= want:
+            break
+    return seen
+
+
+@pytest.mark.slow  # three fresh interpreters (a sync before the workers, two workers) import torch: about 20-40 s
+def test_serve_workers_share_one_catalogue_and_its_additions(checkpoint, quick_world, tmp_path):
+    import base64
+    import concurrent.futures
+    import shutil
+
+    from pmmrec.data.image_db import ImageDB
+    from pmmrec.inference.vector_store import VectorStore
+
+    domain = shutil.copytree(quick_world / "target", tmp_path / "target")
+    store = tmp_path / "store"
+    process, url = _start_server("--checkpoint", str(checkpoint), "--domain", str(domain), "--store", str(store),
+                                 "--workers", "2")
+    try:
+        workers = _workers_seen(url, 2)
+        assert len(workers) == 2, "only one worker answered"
+        assert all(h["items"] == 96 and h["can_add_items"] and h["store_version"] == 1 for h in workers.values())
+        db = ImageDB(domain / "images.lmdb")
+        image = base64.b64encode(db.get("ta3")).decode()
+        db.close()
+        r = httpx.post(f"{url}/items", json={"items": [{"item_id": "posted", "title": "sea wave ship",
+                                                        "image": image}]}, timeout=60)
+        assert r.status_code == 201, r.text
+        posted = time.monotonic()
+        # Every worker serves it soon (each looks at store.json every 0.25 s): its catalogue has 97 items, and
+        # both answer for the item, with its title, and recommend it.
+        late: dict[int, float] = {}
+        while len(late) < 2 and time.monotonic() - posted < 20:
+            health = httpx.get(f"{url}/health", timeout=10).json()
+            if health["items"] == 97 and health["store_version"] == 2:
+                late.setdefault(health["worker"], time.monotonic() - posted)
+        assert set(late) == set(workers), f"not every worker picked the item up: {late}"
+        assert max(late.values()) < 5.0, late  # 0.25 s polls; a generous bound for a busy machine
+        for _ in range(20):  # any worker
+            item = httpx.get(f"{url}/items/posted", timeout=10)
+            assert item.status_code == 200 and item.json()["title"] == "sea wave ship" and item.json()["has_image"]
+            assert httpx.get(f"{url}/items/posted/image", timeout=10).content == base64.b64decode(image)
+            rec = httpx.post(f"{url}/recommend", json={"history": ["ta3", "ta17"], "k": 97}, timeout=10)
+            assert "posted" in {x["item_id"] for x in rec.json()["items"]}
+
+        # The same new id from several clients at once: exactly one is added, the others are told 409.
+        def post(n: int) -> int:
+            body = {"items": [{"item_id": "race", "title": f"client {n}"}]}
+            return httpx.post(f"{url}/items", json=body, timeout=60).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(post, range(6)))
+        assert codes == [201] + [409] * 5, codes
+        stored = VectorStore(store).read()  # every file checked
+        assert stored.ids.count("race") == 1 and stored.ids.count("posted") == 1 and len(stored.ids) == 98
+    finally:
+        process.terminate()
+        process.wait(30)
