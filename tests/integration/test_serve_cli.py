@@ -241,3 +241,20 @@ def test_serve_workers_share_one_catalogue_and_its_additions(checkpoint, quick_w
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.mark.slow  # a server with two workers and 330 requests: about 20-30 s
+def test_bench_serve_workers_reports_each_workers_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "serve", "--quick", "--items", "3000", "--workers", "2", "--index", "exact",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workers"] == 2 and result["errors"] == 0 and result["requests"] == 300
+    memory = result["memory"]
+    assert len({p["pid"] for p in memory["processes"]}) == 2
+    for process in memory["processes"]:
+        # Both workers read the one vectors file through their mapping; it is shared, so each one's share of it
+        # (pss) is half of what is resident.
+        assert process["vectors_file"]["rss_mib"] == pytest.approx(memory["vectors_mib"], abs=0.1)
+        assert process["vectors_file"]["pss_mib"] == pytest.approx(memory["vectors_mib"] / 2, abs=0.1)
+    assert memory["sum"]["pss_mib"] < memory["sum"]["rss_mib"]
