@@ -258,3 +258,26 @@ def test_bench_serve_workers_reports_each_workers_memory(tmp_path):
         assert process["vectors_file"]["rss_mib"] == pytest.approx(memory["vectors_mib"], abs=0.1)
         assert process["vectors_file"]["pss_mib"] == pytest.approx(memory["vectors_mib"] / 2, abs=0.1)
     assert memory["sum"]["pss_mib"] < memory["sum"]["rss_mib"]
+
+
+def test_a_worker_of_several_adds_items_only_through_a_shared_store(checkpoint, quick_world, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from pmmrec.serving.server import build_app
+
+    domain = str(shutil.copytree(quick_world / "target", tmp_path / "target"))
+    item = {"items": [{"item_id": "n1", "title": "sea wave"}]}
+    with TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=None)) as alone:
+        r = alone.post("/items", json=item)
+        assert r.status_code == 409 and "without a shared vector store" in r.json()["detail"]
+        health = alone.get("/health").json()
+        assert health["can_add_items"] is False and health["store_version"] is None
+    store = str(tmp_path / "store")
+    with TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=store, shared=True)) as one, \
+            TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=store, shared=True)) as two:
+        assert one.post("/items", json=item).status_code == 201
+        assert two.post("/items", json=item).status_code == 409  # the store says it is taken
+        assert two.get("/items/n1").json()["title"] == "sea wave"
+        assert one.get("/health").json()["store_version"] == two.get("/health").json()["store_version"] == 2
