@@ -62,7 +62,7 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     threads = threads or 1
     torch.set_num_threads(threads)
     refusal = None
-    if workers > 1 and recommender.shared_store is None:
+    if workers > 1 and recommender.shared_store is None and recommender.can_add_items:
         refusal = (f"this server runs {workers} worker processes without a shared vector store (--no-store, or a "
                    "store that cannot be written), so each holds its own catalogue, which additions would make "
                    "diverge; serve with a writable store (the default, or --store DIR), or with --workers 1, to add "
@@ -145,7 +145,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
         raise PmmrecError(f"--port must be in 0..65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service has no authentication; anyone who can reach this address can "
-                    "use it%s", host, " and add items" if workers == 1 else "")
+                    "use it and add items", host)
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
                "workers": workers, "unknown_items": unknown_items, "compare": compare, "store": store,
                "embeddings": embeddings, "index": index, "index_options": index_options}
