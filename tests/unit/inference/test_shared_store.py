@@ -178,3 +178,16 @@ def test_two_processes_adding_one_id_at_once_one_wins(checkpoint, domain, tmp_pa
     assert stored.ids.count("same") == 1 and len(stored.ids) == 97
     rec = Recommender.from_checkpoint(checkpoint, domain, store=store, shared=True)
     assert rec.item("same").title == winner
+
+
+def test_an_approximate_index_searches_the_items_picked_up_beside_it(checkpoint, domain, tmp_path):
+    pytest.importorskip("faiss")
+    store = tmp_path / "store"
+    a = _shared(checkpoint, domain, store)
+    b = _shared(checkpoint, domain, store, index="hnsw")
+    a.add_items([NewItem("new1", title="sea wave ship")])
+    assert b.refresh() == 1 and b.approximate_index.count == 96  # the index stays as built
+    history = list(b.catalogue.snapshot().ids[:3])
+    exact = Recommender(b.model, b.config, b.catalogue, index="exact")
+    assert [r.item_id for r in b.recommend(history, k=10)] == [r.item_id for r in exact.recommend(history, k=10)]
+    assert "new1" in {r.item_id for r in b.recommend(history, k=97)}
