@@ -176,13 +176,20 @@ def _start_server(*args: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
 
 
-def _workers_seen(url: str, want: int, tries: int = 400) -> dict[int, dict]:
-    """The /health of each worker that answered, by process id, asking on new connections until ``want`` of them
-    answered (the kernel hands each connection to one of the workers accepting on the shared socket)."""
+def _healths(url: str, n: int = 8) -> list[dict]:
+    """``n`` answers of /health, asked at once on new connections: the kernel hands each connection to one of the
+    workers accepting on the shared socket, and while one is busy answering, another takes the next."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: httpx.get(f"{url}/health", timeout=10).json(), range(n)))
+
+
+def _workers_seen(url: str, want: int, rounds: int = 50) -> dict[int, dict]:
+    """The /health of each worker that answered, by process id, until ``want`` of them did."""
     seen: dict[int, dict] = {}
-    for _ in range(tries):
-        health = httpx.get(f"{url}/health", timeout=10).json()
-        seen[health["worker"]] = health
+    for _ in range(rounds):
+        seen.update((h["worker"], h) for h in _healths(url))
         if len(seen) >= want:
             break
     return seen
@@ -216,9 +223,9 @@ def test_serve_workers_share_one_catalogue_and_its_additions(checkpoint, quick_w
         # both answer for the item, with its title, and recommend it.
         late: dict[int, float] = {}
         while len(late) < 2 and time.monotonic() - posted < 20:
-            health = httpx.get(f"{url}/health", timeout=10).json()
-            if health["items"] == 97 and health["store_version"] == 2:
-                late.setdefault(health["worker"], time.monotonic() - posted)
+            for health in _healths(url):
+                if health["items"] == 97 and health["store_version"] == 2:
+                    late.setdefault(health["worker"], time.monotonic() - posted)
         assert set(late) == set(workers), f"not every worker picked the item up: {late}"
         assert max(late.values()) < 5.0, late  # 0.25 s polls; a generous bound for a busy machine
         for _ in range(20):  # any worker
