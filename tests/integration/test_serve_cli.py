@@ -185,13 +185,14 @@ def _healths(url: str, n: int = 8) -> list[dict]:
         return list(pool.map(lambda _: httpx.get(f"{url}/health", timeout=10).json(), range(n)))
 
 
-def _workers_seen(url: str, want: int, rounds: int = 50) -> dict[int, dict]:
-    """The /health of each worker that answered, by process id, until ``want`` of them did."""
+def _workers_seen(url: str, want: int, timeout: float = 120) -> dict[int, dict]:
+    """The /health of each worker that answered, by process id, until ``want`` of them did (the first worker to
+    be ready answers while the others may still be loading)."""
     seen: dict[int, dict] = {}
-    for _ in range(rounds):
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
         seen.update((h["worker"], h) for h in _healths(url))
-        if len(seen) >= want:
-            break
+        time.sleep(0.05)
     return seen
 
 

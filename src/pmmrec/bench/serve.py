@@ -133,6 +133,9 @@ def worker_app():
     options = json.loads(os.environ[_WORKER_ENV])
     tune_malloc()
     recommender = shared_synthetic_recommender(options["store"], index=options["index"])
+    # Every page of the mapped vectors read once, as the first requests would: each worker's memory figures then do
+    # not depend on which of the requests it happened to take.
+    recommender.recommend(["i1"], k=K)
     torch.set_num_threads(options["threads"])
     app = create_app(recommender, batch_concurrency=batch_concurrency(options["threads"], options["workers"]))
     recommender.follow()
@@ -199,13 +202,22 @@ def _memory_report(pids: list[int], vectors_file: Path | None, vector_bytes: int
                     "process; pss divides them among the processes, so the sum of pss is what they cost together"}
 
 
-def _worker_pids(url: str, workers: int, tries: int = 400) -> list[int]:
-    """The process ids of the workers, from /health asked on new connections until all ``workers`` answered."""
+def _worker_pids(url: str, workers: int, timeout: float) -> list[int]:
+    """The process ids of the workers, from /health asked on new connections, several at once (while one worker is
+    busy answering, another accepts the next), until all ``workers`` answered: the first to be ready answers
+    while the others may still be loading."""
+    from concurrent.futures import ThreadPoolExecutor
+
     seen: set[int] = set()
-    for _ in range(tries):
-        seen.add(int(_get_json(f"{url}/health", timeout=10)["worker"]))
-        if len(seen) >= workers:
-            break
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(2 * workers) as pool:
+        while len(seen) < workers:
+            if time.monotonic() > deadline:
+                raise PmmrecError(f"only {len(seen)} of the {workers} workers answered /health within "
+                                  f"{timeout:.0f} s")
+            seen.update(pool.map(lambda _: int(_get_json(f"{url}/health", timeout=10)["worker"]),
+                                 range(2 * workers)))
+            time.sleep(0.05)
     return sorted(seen)
 
 
@@ -336,7 +348,7 @@ def run(args) -> dict:
         # Start-up encodes nothing but may build an index: allow for it (a million items, one core: minutes).
         _wait_ready(url, process, timeout=300.0 + sizes["items"] / 1000)
         recall = recall_queue.get(timeout=10) if workers == 1 else None
-        pids = _worker_pids(url, workers) if workers > 1 else [process.pid]
+        pids = _worker_pids(url, workers, timeout=300.0 + sizes["items"] / 1000) if workers > 1 else [process.pid]
         served_index = _get_json(f"{url}/health", timeout=10).get("index")
         log.info("bench serve: %d items, %d clients, %d requests", sizes["items"], sizes["clients"],
                  sizes["requests"])
