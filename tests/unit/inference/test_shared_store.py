@@ -159,6 +159,7 @@ def _add_in_child(checkpoint, domain, store, title, barrier, results) -> None:
         results.put(("error", repr(e)))
 
 
+@pytest.mark.slow  # two fresh interpreters import torch and load the model: about 10-15 s
 def test_two_processes_adding_one_id_at_once_one_wins(checkpoint, domain, tmp_path):
     store = tmp_path / "store"
     sync_store(checkpoint, domain, store=store)
