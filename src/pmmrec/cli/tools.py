@@ -79,6 +79,9 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--catalogue", choices=["random", "clustered"],
                    help="serve, recall: synthetic item vectors, random (default for serve) or clustered (nearer to "
                         "trained ones); recall: default both")
+    p.add_argument("--workers", type=int,
+                   help="serve: worker processes sharing one vector store of the catalogue, as `pmmrec serve "
+                        "--workers N` (default 1); the JSON reports each one's memory")
     p.add_argument("--sweep", action="store_true",
                    help="recall: also measure each index at several search efforts (efSearch, nprobe)")
 
