@@ -155,3 +155,137 @@ def test_bench_serve_quick_writes_the_contract(tmp_path):
     recall = result["recall"]
     assert 0.9 <= recall["recall@10"] <= 1.0 and recall["queries"] == 500
     assert recall["history_items_returned"] == 0 and recall["short_answers"] == 0
+
+
+def _start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``pmmrec serve`` with ``args`` on a free loopback port, once it answers; returns the process and base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "pmmrec", "serve", "--port", str(port), "--threads", "1",
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return process, url
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "pmmrec serve did not answer"
+            time.sleep(0.3)
+
+
+def _healths(url: str, n: int = 8) -> list[dict]:
+    """``n`` answers of /health, asked at once on new connections: the kernel hands each connection to one of the
+    workers accepting on the shared socket, and while one is busy answering, another takes the next."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: httpx.get(f"{url}/health", timeout=10).json(), range(n)))
+
+
+def _workers_seen(url: str, want: int, timeout: float = 120) -> dict[int, dict]:
+    """The /health of each worker that answered, by process id, until ``want`` of them did (the first worker to
+    be ready answers while the others may still be loading)."""
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        seen.update((h["worker"], h) for h in _healths(url))
+        time.sleep(0.05)
+    return seen
+
+
+@pytest.mark.slow  # three fresh interpreters (a sync before the workers, two workers) import torch: about 20-40 s
+def test_serve_workers_share_one_catalogue_and_its_additions(checkpoint, quick_world, tmp_path):
+    import base64
+    import concurrent.futures
+    import shutil
+
+    from pmmrec.data.image_db import ImageDB
+    from pmmrec.inference.vector_store import VectorStore
+
+    domain = shutil.copytree(quick_world / "target", tmp_path / "target")
+    store = tmp_path / "store"
+    process, url = _start_server("--checkpoint", str(checkpoint), "--domain", str(domain), "--store", str(store),
+                                 "--workers", "2")
+    try:
+        workers = _workers_seen(url, 2)
+        assert len(workers) == 2, "only one worker answered"
+        assert all(h["items"] == 96 and h["can_add_items"] and h["store_version"] == 1 for h in workers.values())
+        db = ImageDB(domain / "images.lmdb")
+        image = base64.b64encode(db.get("ta3")).decode()
+        db.close()
+        r = httpx.post(f"{url}/items", json={"items": [{"item_id": "posted", "title": "sea wave ship",
+                                                        "image": image}]}, timeout=60)
+        assert r.status_code == 201, r.text
+        posted = time.monotonic()
+        # Every worker serves it soon (each looks at store.json every 0.25 s): its catalogue has 97 items, and
+        # both answer for the item, with its title, and recommend it.
+        late: dict[int, float] = {}
+        while len(late) < 2 and time.monotonic() - posted < 20:
+            for health in _healths(url):
+                if health["items"] == 97 and health["store_version"] == 2:
+                    late.setdefault(health["worker"], time.monotonic() - posted)
+        assert set(late) == set(workers), f"not every worker picked the item up: {late}"
+        assert max(late.values()) < 5.0, late  # 0.25 s polls; a generous bound for a busy machine
+        for _ in range(20):  # any worker
+            item = httpx.get(f"{url}/items/posted", timeout=10)
+            assert item.status_code == 200 and item.json()["title"] == "sea wave ship" and item.json()["has_image"]
+            assert httpx.get(f"{url}/items/posted/image", timeout=10).content == base64.b64decode(image)
+            rec = httpx.post(f"{url}/recommend", json={"history": ["ta3", "ta17"], "k": 97}, timeout=10)
+            assert "posted" in {x["item_id"] for x in rec.json()["items"]}
+
+        # The same new id from several clients at once: exactly one is added, the others are told 409.
+        def post(n: int) -> int:
+            body = {"items": [{"item_id": "race", "title": f"client {n}"}]}
+            return httpx.post(f"{url}/items", json=body, timeout=60).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(post, range(6)))
+        assert codes == [201] + [409] * 5, codes
+        stored = VectorStore(store).read()  # every file checked
+        assert stored.ids.count("race") == 1 and stored.ids.count("posted") == 1 and len(stored.ids) == 98
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.mark.slow  # a server with two workers and 330 requests: about 20-30 s
+def test_bench_serve_workers_reports_each_workers_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "serve", "--quick", "--items", "3000", "--workers", "2", "--index", "exact",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workers"] == 2 and result["errors"] == 0 and result["requests"] == 300
+    memory = result["memory"]
+    assert len({p["pid"] for p in memory["processes"]}) == 2
+    for process in memory["processes"]:
+        # Both workers read the one vectors file through their mapping; it is shared, so each one's share of it
+        # (pss) is half of what is resident.
+        assert process["vectors_file"]["rss_mib"] == pytest.approx(memory["vectors_mib"], abs=0.1)
+        assert process["vectors_file"]["pss_mib"] == pytest.approx(memory["vectors_mib"] / 2, abs=0.1)
+    assert memory["sum"]["pss_mib"] < memory["sum"]["rss_mib"]
+
+
+def test_a_worker_of_several_adds_items_only_through_a_shared_store(checkpoint, quick_world, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from pmmrec.serving.server import build_app
+
+    domain = str(shutil.copytree(quick_world / "target", tmp_path / "target"))
+    item = {"items": [{"item_id": "n1", "title": "sea wave"}]}
+    with TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=None)) as alone:
+        r = alone.post("/items", json=item)
+        assert r.status_code == 409 and "without a shared vector store" in r.json()["detail"]
+        health = alone.get("/health").json()
+        assert health["can_add_items"] is False and health["store_version"] is None
+    store = str(tmp_path / "store")
+    with TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=store, shared=True)) as one, \
+            TestClient(build_app(str(checkpoint), domain=domain, workers=2, store=store, shared=True)) as two:
+        assert one.post("/items", json=item).status_code == 201
+        assert two.post("/items", json=item).status_code == 409  # the store says it is taken
+        assert two.get("/items/n1").json()["title"] == "sea wave"
+        assert one.get("/health").json()["store_version"] == two.get("/health").json()["store_version"] == 2

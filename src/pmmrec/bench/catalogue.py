@@ -74,6 +74,49 @@ def synthetic_recommender(num_items: int, dim: int = DIM, seed: int = 0, catalog
     return Recommender(model, config, Catalogue(ids, vectors), index=index, index_settings=index_settings)
 
 
+def write_synthetic_store(folder, num_items: int, catalogue: str = "random", dim: int = DIM, seed: int = 0) -> None:
+    """A vector store of a synthetic catalogue (:func:`catalogue_vectors`; ``random``: N(0, 0.02^2) values, the ID
+    table's initialisation) in ``folder``, for ``bench serve --workers N``, whose workers share it."""
+    import torch
+
+    from pmmrec.inference.vector_store import DIGEST_BYTES, StoreKey, VectorStore
+
+    vectors = catalogue_vectors(num_items, catalogue, dim, seed)
+    if vectors is None:
+        gen = torch.Generator().manual_seed(seed)
+        vectors = torch.cat([torch.zeros(1, dim), torch.randn(num_items, dim, generator=gen) * 0.02])
+    key = StoreKey(weights="synthetic", dim=dim, model={"tower": "synthetic"},
+                   inputs={"items": num_items, "catalogue": catalogue, "seed": seed})
+    VectorStore(folder).write(key, [f"i{n}" for n in range(1, num_items + 1)],
+                              np.zeros((num_items, DIGEST_BYTES), dtype=np.uint8), vectors[1:].numpy())
+
+
+def shared_synthetic_recommender(folder, seed: int = 0, index: str = "exact", index_settings=None):
+    """A Recommender over the synthetic store in ``folder`` (:func:`write_synthetic_store`), memory-mapped and
+    followed as each worker of ``pmmrec serve --workers N`` does, with a random SASRec user encoder."""
+    import torch
+
+    from pmmrec.config import load_config
+    from pmmrec.evaluation.ranking import ItemBlocks
+    from pmmrec.inference.catalogue import Catalogue
+    from pmmrec.inference.recommender import Recommender
+    from pmmrec.inference.shared_store import SharedStore
+    from pmmrec.inference.vector_store import VectorStore
+    from pmmrec.models.pmmrec import PMMRec
+
+    store = VectorStore(folder)
+    key = store.key()
+    torch.manual_seed(seed)
+    config = load_config(None, ["model.item_tower=id", f"model.dim={key.dim}", f"data.max_seq_len={MAX_SEQ_LEN}"])
+    model = PMMRec(config, 1).eval()  # the user encoder; the item vectors are the store's (its ID table is unused)
+    follower = SharedStore(store, key)
+    attached = follower.open()
+    if attached is None:
+        raise PmmrecError(f"{folder}: the benchmark's vector store cannot be read")
+    catalogue = Catalogue(attached.ids, [ItemBlocks.from_array(b) for b in attached.blocks])
+    return Recommender(model, config, catalogue, index=index, index_settings=index_settings, shared=follower)
+
+
 def histories(num_items: int, queries: int, seed: int = 3) -> list[list[str]]:
     """Random histories of 5 to 50 catalogue ids of a synthetic catalogue (as ``bench serve`` sends them)."""
     rng = np.random.default_rng(seed)

@@ -137,8 +137,8 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (default 1; with more, POST /items is refused: each holds its own "
-                        "catalogue)")
+                   help="worker processes (default 1); they share the catalogue's vector store, memory-mapped, "
+                        "and an item posted to one is served by all within a second")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per scoring batch (default 1: concurrent requests are scored in batches, "
                         "one batch per core at a time)")

@@ -88,6 +88,9 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--image-size", type=int, metavar="PX", help="start: side of the generated pictures (default 64)")
     p.add_argument("--work", metavar="DIR", help="start: keep the generated catalogues and checkpoint in DIR and "
                    "reuse them next time (default: a temporary folder)")
+    p.add_argument("--workers", type=int,
+                   help="serve: worker processes sharing one vector store of the catalogue, as `pmmrec serve "
+                        "--workers N` (default 1); the JSON reports each one's memory")
     p.add_argument("--sweep", action="store_true",
                    help="recall: also measure each index at several search efforts (efSearch, nprobe)")
 

@@ -20,21 +20,25 @@ Conventions (the tests pin each of them):
 
 Memory is ``O(user_chunk * item_chunk)`` whatever the catalogue size: for the metrics we only need to count,
 chunk by chunk, the items that beat the target, which is exact and needs no top-K. :func:`topk_items` keeps a
-running top-K across item chunks instead (for recommending).
+running top-K across item chunks instead (for recommending). It also takes the items as :class:`ItemBlocks`,
+consecutive blocks that are never joined: a recommender's catalogue is read-only memory maps of its vector
+store's segments followed by the items added since (docs/design.md §8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pmmrec.evaluation.metrics import metrics_from_ranks
 
-__all__ = ["EXCLUDE_HISTORY", "INCLUDE_HISTORY", "PROTOCOLS", "evaluate_rankings", "full_rank", "pad_histories",
-           "rank_targets", "topk_items"]
+__all__ = ["EXCLUDE_HISTORY", "INCLUDE_HISTORY", "PROTOCOLS", "ItemBlocks", "evaluate_rankings", "full_rank",
+           "pad_histories", "rank_targets", "topk_items"]
 
 EXCLUDE_HISTORY = "exclude_history"
 INCLUDE_HISTORY = "include_history"
@@ -43,6 +47,94 @@ PROTOCOLS = (EXCLUDE_HISTORY, INCLUDE_HISTORY)
 Histories = Tensor | Sequence[Tensor | Sequence[int]]
 Ties = Literal["pessimistic", "optimistic"]
 TargetInHistory = Literal["keep", "miss"]
+
+
+class ItemBlocks:
+    """Item vectors ``1..N`` held as consecutive ``(n_b, D)`` blocks that are never joined; row 0, the padding, is
+    implicit (zeros).
+
+    A block may be a read-only memory map (:meth:`from_arrays`): several processes then share one copy of the
+    vectors, the operating system's page cache. Nothing here writes into a block.
+    """
+
+    def __init__(self, blocks: Sequence[Tensor], dim: int | None = None):
+        blocks = tuple(b for b in blocks if len(b))
+        if dim is None:
+            if not blocks:
+                raise ValueError("ItemBlocks without blocks needs the dimension")
+            dim = int(blocks[0].shape[1])
+        if any(b.dim() != 2 or b.shape[1] != dim for b in blocks):
+            raise ValueError(f"blocks must be (n, {dim}), got {[tuple(b.shape) for b in blocks]}")
+        self.blocks, self.dim = blocks, dim
+        starts, first = [], 1
+        for b in blocks:
+            starts.append(first)
+            first += len(b)
+        self.starts = starts  # item number of each block's first row
+        self.count = first - 1  # N
+
+    @classmethod
+    def of(cls, vectors: Tensor | ItemBlocks) -> ItemBlocks:
+        """``vectors`` as blocks: an ``(N+1, D)`` tensor (row 0 the padding) is one block, a view of rows 1..N."""
+        if isinstance(vectors, ItemBlocks):
+            return vectors
+        if vectors.dim() != 2 or vectors.shape[0] < 1:
+            raise ValueError(f"item vectors must be (N+1, D) with row 0 the padding, got {tuple(vectors.shape)}")
+        return cls([vectors[1:]], int(vectors.shape[1]))
+
+    @staticmethod
+    def from_array(array: np.ndarray) -> Tensor:
+        """A tensor over ``array``'s memory, without a copy, even when it is read-only (a memory map opened
+        ``mode="r"``): the tensor must then never be written, which no code reading ItemBlocks does."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array)
+
+    @property
+    def num_rows(self) -> int:
+        """N + 1: the rows an ``(N+1, D)`` matrix of these items would have."""
+        return self.count + 1
+
+    def chunks(self, size: int) -> Iterator[tuple[int, Tensor]]:
+        """``(first item number, (n, D) view)`` of at most ``size`` items each, in order, covering 1..N."""
+        for start, block in zip(self.starts, self.blocks, strict=True):
+            for i0 in range(0, len(block), size):
+                yield start + i0, block[i0:i0 + size]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """``(stop - start, D)`` vectors of items ``start..stop-1`` (1-based): a view within one block, else a copy."""
+        if not 1 <= start <= stop <= self.count + 1:
+            raise ValueError(f"items {start}..{stop - 1} are not within 1..{self.count}")
+        parts = []
+        for first, block in zip(self.starts, self.blocks, strict=True):
+            lo, hi = max(start, first), min(stop, first + len(block))
+            if lo < hi:
+                parts.append(block[lo - first:hi - first])
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.zeros(0, self.dim)
+
+    def gather(self, numbers: Tensor) -> Tensor:
+        """``numbers.shape + (D,)`` float32 vectors of item numbers ``numbers`` (0, the padding, is zeros)."""
+        numbers = numbers.long().cpu()
+        if len(self.blocks) == 1:
+            block = self.blocks[0]
+            out = block[(numbers - 1).clamp_(min=0)].float()
+            out[numbers == 0] = 0.0
+            return out
+        out = torch.zeros(*numbers.shape, self.dim)
+        for first, block in zip(self.starts, self.blocks, strict=True):
+            inside = (numbers >= first) & (numbers < first + len(block))
+            if bool(inside.any()):
+                out[inside] = block[numbers[inside] - first].float()
+        return out
+
+    def dense(self) -> Tensor:
+        """A ``(N+1, D)`` float32 copy with row 0 the padding (for inspection: requests read the blocks)."""
+        out = torch.zeros(self.count + 1, self.dim)
+        for first, block in zip(self.starts, self.blocks, strict=True):
+            out[first:first + len(block)] = block
+        return out
 
 
 def pad_histories(histories: Histories, num_users: int | None = None,
@@ -237,20 +329,26 @@ def evaluate_rankings(user_vecs: Tensor, item_vecs: Tensor, targets: Tensor, his
     return {protocol: metrics_from_ranks(ranks[protocol], ks) for protocol in PROTOCOLS}
 
 
-def topk_items(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude: Histories | None = None, *,
+def topk_items(user_vecs: Tensor, item_vecs: Tensor | ItemBlocks, k: int, exclude: Histories | None = None, *,
                user_chunk: int = 256, item_chunk: int = 65536) -> tuple[Tensor, Tensor]:
     """The ``k`` best-scoring items of each user, best first, with a running top-K merge over item chunks.
 
+    ``item_vecs``: ``(N+1, D)`` with row 0 the padding, or :class:`ItemBlocks` (chunks never cross a block).
     ``exclude`` (e.g. the users' histories) removes items from each user's candidates; padding row 0 is never
     returned. Returns ``(scores, items)``, both ``(U, k)``. When fewer than ``k`` items are left, the missing
     slots have score ``-inf`` and item 0. The order among exactly equal scores is unspecified.
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
-    _check_inputs(user_vecs, item_vecs, None, user_chunk, item_chunk)
     device = user_vecs.device
-    item_vecs = item_vecs.to(device=device, dtype=user_vecs.dtype)
-    num_users, num_rows = user_vecs.shape[0], item_vecs.shape[0]
+    if isinstance(item_vecs, Tensor):
+        _check_inputs(user_vecs, item_vecs, None, user_chunk, item_chunk)
+        item_vecs = item_vecs.to(device=device, dtype=user_vecs.dtype)  # once, not per chunk
+    elif user_vecs.dim() != 2 or user_vecs.shape[1] != item_vecs.dim or item_vecs.count < 1 or user_chunk < 1 \
+            or item_chunk < 1:
+        raise ValueError(f"user_vecs must be (U, {item_vecs.dim}) over at least one item, and chunk sizes positive")
+    items = ItemBlocks.of(item_vecs)
+    num_users, num_rows = user_vecs.shape[0], items.num_rows
     excl = None if exclude is None else pad_histories(exclude, num_users, device)
     if excl is not None and excl.numel() and (int(excl.min()) < 0 or int(excl.max()) >= num_rows):
         raise ValueError(f"exclude must hold item numbers in 0..{num_rows - 1} (0 = padding)")
@@ -262,9 +360,9 @@ def topk_items(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude: Histories 
         users = user_vecs[u0:u1]  # (Uc, D)
         best_scores = out_scores[u0:u1, :0]  # (Uc, 0), grows to (Uc, <=k)
         best_items = out_items[u0:u1, :0]
-        for i0 in range(1, num_rows, item_chunk):
-            i1 = min(i0 + item_chunk, num_rows)
-            scores = users @ item_vecs[i0:i1].t()  # (Uc, Ic)
+        for i0, chunk in items.chunks(item_chunk):
+            i1 = i0 + len(chunk)
+            scores = users @ chunk.to(device=device, dtype=users.dtype).t()  # (Uc, Ic)
             if excl is not None:
                 inside, cols = history_in_chunk(excl[u0:u1], i0, i1)  # (Uc, H)
                 rows = torch.arange(u1 - u0, device=device).unsqueeze(1).expand_as(cols)  # (Uc, H)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from pmmrec.errors import PmmrecError
-from pmmrec.evaluation.ranking import history_in_chunk, pad_histories, topk_items
+from pmmrec.evaluation.ranking import ItemBlocks, history_in_chunk, pad_histories, topk_items
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,22 @@ def resolve_index(kind: str, count: int, settings: IndexSettings) -> str:
 class ApproximateIndex:
     """A faiss inner-product index over items ``1..count`` of a catalogue, and the re-ranked top-K over it."""
 
-    def __init__(self, vectors: Tensor, kind: str, settings: IndexSettings | None = None, seed: int = 0):
-        """``vectors``: ``(N+1, D)``, row 0 the padding (a catalogue snapshot's vectors). Items appended to the
-        catalogue later keep their numbers past ``N`` and are searched exactly (:meth:`topk`)."""
+    def __init__(self, vectors: Tensor | ItemBlocks, kind: str, settings: IndexSettings | None = None, seed: int = 0):
+        """``vectors``: ``(N+1, D)``, row 0 the padding, or a catalogue snapshot's :class:`ItemBlocks`. Items
+        appended to the catalogue later keep their numbers past ``N`` and are searched exactly (:meth:`topk`).
+        The index holds its own copy of the vectors (faiss's storage), besides its graph or lists."""
         if kind not in ("hnsw", "ivf"):
             raise PmmrecError(f"approximate index kind must be hnsw or ivf, got {kind!r}")
-        if vectors.dim() != 2 or vectors.shape[0] < 2:
+        if isinstance(vectors, Tensor) and (vectors.dim() != 2 or vectors.shape[0] < 2):
             raise ValueError(f"vectors must be (N+1, D) with row 0 the padding, got {tuple(vectors.shape)}")
+        blocks = ItemBlocks.of(vectors.detach() if isinstance(vectors, Tensor) else vectors)
+        if blocks.count < 1:
+            raise ValueError("an index needs at least one item")
         faiss = import_faiss(kind)
         self.kind, self.settings = kind, settings or IndexSettings()
-        self.count, dim = vectors.shape[0] - 1, vectors.shape[1]
-        items = np.ascontiguousarray(vectors[1:].detach().float().cpu().numpy())  # (N, D): index row i = item i+1
+        self.count, dim = blocks.count, blocks.dim
+        # (N, D): index row i = item i+1. One float32 block (a memory map) is passed as it is, not copied.
+        items = np.ascontiguousarray(blocks.rows(1, self.count + 1).float().cpu().numpy())
         started = time.perf_counter()
         s = self.settings
         if kind == "hnsw":
@@ -198,17 +203,18 @@ class ApproximateIndex:
         _, labels = self.index.search(np.ascontiguousarray(users.detach().float().cpu().numpy()), fetch)
         return torch.from_numpy(labels) + 1  # faiss's -1 (none found) becomes 0, the padding
 
-    def topk(self, users: Tensor, vectors: Tensor, k: int, exclude: Sequence[Tensor] | Tensor | None = None
-             ) -> tuple[Tensor, Tensor]:
+    def topk(self, users: Tensor, vectors: Tensor | ItemBlocks, k: int,
+             exclude: Sequence[Tensor] | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(scores, items)``, both ``(U, k)``, as :func:`~pmmrec.evaluation.ranking.topk_items` returns them
-        over ``vectors`` (a snapshot of the catalogue this index was built on: ``(M+1, D)``, ``M >= N``)."""
+        over ``vectors`` (a snapshot of the catalogue this index was built on: ``(M+1, D)`` or its
+        :class:`ItemBlocks`, ``M >= N``)."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        if vectors.shape[0] - 1 < self.count:
-            raise ValueError(f"the catalogue has {vectors.shape[0] - 1} items, fewer than the index's {self.count}")
+        vectors = ItemBlocks.of(vectors.float() if isinstance(vectors, Tensor) else vectors)
+        if vectors.count < self.count:
+            raise ValueError(f"the catalogue has {vectors.count} items, fewer than the index's {self.count}")
         users = users.detach().float().cpu()
-        vectors = vectors.float()
-        num_users, total = users.shape[0], vectors.shape[0] - 1
+        num_users, total = users.shape[0], vectors.count
         excl = pad_histories(exclude if exclude is not None else [[] for _ in range(num_users)], num_users)
         excluded = _distinct(excl)  # (U,) items each user excludes
         fetch = k + (int(excluded.max()) if num_users else 0) + self.settings.margin
@@ -216,13 +222,13 @@ class ApproximateIndex:
         if num_users == 0 or fetch >= self.count:  # the index would return (nearly) everything: scan it all
             return topk_items(users, vectors, k, excl)
         cand = self.candidates(users, fetch)  # (U, C) item numbers, 0 = none
-        scores = torch.bmm(vectors[cand], users.unsqueeze(2)).squeeze(2)  # (U, C) exact float32 scores
+        scores = torch.bmm(vectors.gather(cand), users.unsqueeze(2)).squeeze(2)  # (U, C) exact float32 scores
         drop = cand == 0
         if excl.shape[1]:
             drop |= (cand.unsqueeze(2) == excl.unsqueeze(1)).any(2)  # (U, C, H) -> (U, C)
         scores = scores.masked_fill(drop, float("-inf"))
         if total > self.count:  # items added since the index was built: scored exactly for every user
-            tail = users @ vectors[self.count + 1:].t()  # (U, T)
+            tail = users @ vectors.rows(self.count + 1, total + 1).float().t()  # (U, T)
             inside, cols = history_in_chunk(excl, self.count + 1, total + 1)  # (U, H)
             rows = torch.arange(num_users).unsqueeze(1).expand_as(cols)
             tail[rows[inside], cols[inside]] = float("-inf")

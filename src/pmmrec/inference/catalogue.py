@@ -1,24 +1,28 @@
 """The recommender's item catalogue: raw ids, titles, where images live, and one vector per item.
 
 Items can be added while other threads recommend (docs/design.md §13: the service survives concurrent load).
-The catalogue is append-only and published through immutable :class:`Snapshot` objects: a writer fills rows past
-the published count of a preallocated buffer, then swaps in a new snapshot with the larger count in one
-reference assignment. A reader takes one snapshot and sees a consistent catalogue for its whole request (the
-rows it reads are never written again); when the buffer is full a writer copies it into a larger one, and old
-snapshots keep the old buffer. Writers are serialised by a lock.
+The catalogue is append-only and published through immutable :class:`Snapshot` objects. Its vectors are
+:class:`~pmmrec.evaluation.ranking.ItemBlocks`: the *base* blocks it was made with, never copied (read-only memory
+maps of a vector store's segments when several processes serve one store, docs/design.md §8), then a *tail* of
+the items appended since, in a preallocated buffer. A writer fills tail rows past the published count, then swaps
+in a new snapshot with the larger count in one reference assignment. A reader takes one snapshot and sees a
+consistent catalogue for its whole request (the rows it reads are never written again); when the tail buffer is
+full a writer copies it into a larger one, and old snapshots keep the old buffer. Writers are serialised by a lock.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
+from pmmrec.evaluation.ranking import ItemBlocks
 
 
 class DuplicateItemsError(PmmrecError):
@@ -30,14 +34,14 @@ class Snapshot:
     """A consistent view of the catalogue: items 1..``count`` (0 is padding)."""
 
     count: int
-    buffer: Tensor  # (capacity + 1, D); rows 0..count are valid, row 0 is the zero padding vector
+    items: ItemBlocks  # the vectors of items 1..count: base blocks (maybe memory maps), then the added tail
     ids: list[str]  # shared and append-only: ids[i - 1] is item i; entries past ``count`` are not visible
     index: dict[str, int]  # shared: raw id -> item number; numbers past ``count`` are not visible
 
     @property
     def vectors(self) -> Tensor:
-        """(count + 1, D) item vectors, row 0 = padding."""
-        return self.buffer[: self.count + 1]
+        """A ``(count + 1, D)`` float32 copy, row 0 = padding: for inspection (requests read :attr:`items`)."""
+        return self.items.dense()
 
     def number(self, item_id: str) -> int | None:
         number = self.index.get(item_id)
@@ -61,26 +65,46 @@ class ItemInfo:
 class Catalogue:
     """Append-only, thread-safe item catalogue (see the module docstring)."""
 
-    def __init__(self, ids: Sequence[str], vectors: Tensor, titles: Sequence[str | None] | None = None,
-                 image_refs: Sequence[tuple[Path | None, str]] | None = None,
-                 images_present: set[str] | None = None):
-        if vectors.dim() != 2 or len(vectors) != len(ids) + 1:
-            raise ValueError(f"vectors must be (N+1, D) for N={len(ids)} items, got {tuple(vectors.shape)}")
+    def __init__(self, ids: Sequence[str], vectors: Tensor | Sequence[Tensor],
+                 titles: Sequence[str | None] | None = None,
+                 image_refs: Sequence[tuple[Path | None, str] | None] | None = None,
+                 images_present: set[str] | None = None, *, images: Mapping[str, bytes] | None = None,
+                 added: Sequence[bool] | None = None):
+        """``vectors``: an ``(N+1, D)`` tensor with row 0 the padding, or the ``(n_b, D)`` blocks of items 1..N in
+        order (e.g. memory maps); either way they are kept as they are, never copied, and never written.
+
+        ``image_refs``: where each item's image lives, (LMDB folder, key), or None; ``images_present``: the keys
+        those LMDBs hold. ``images``: encoded images held in memory, by id (items added at run time), and
+        ``added``: which items were added at run time rather than read from the domain folder (default none).
+        """
+        n = len(ids)
+        if isinstance(vectors, Tensor):
+            if vectors.dim() != 2 or len(vectors) != n + 1:
+                raise ValueError(f"vectors must be (N+1, D) for N={n} items, got {tuple(vectors.shape)}")
+            base, dim = (vectors[1:],), int(vectors.shape[1])
+        else:
+            base = tuple(vectors)
+            if not base or sum(len(b) for b in base) != n:
+                raise ValueError(f"vector blocks must hold {n} rows in all, got {[tuple(b.shape) for b in base]}")
+            dim = int(base[0].shape[1])
+        self._base = tuple(b for b in base if len(b))
+        self._dim = dim
         self._ids = list(ids)
         self._index = {iid: i + 1 for i, iid in enumerate(self._ids)}
-        self._titles: list[str | None] = list(titles) if titles is not None else [None] * len(self._ids)
-        # Where each catalogue item's image lives, (LMDB folder, key); added items keep their bytes in memory.
-        self._refs: list[tuple[Path | None, str] | None] = list(image_refs) if image_refs is not None else \
-            [None] * len(self._ids)
+        self._titles: list[str | None] = list(titles) if titles is not None else [None] * n
+        # Where each item's image lives, (LMDB folder, key); items added at run time keep their bytes in memory.
+        self._refs: list[tuple[Path | None, str] | None] = list(image_refs) if image_refs is not None else [None] * n
+        self._added: list[bool] = list(added) if added is not None else [False] * n
+        if not len(self._titles) == len(self._refs) == len(self._added) == n:
+            raise ValueError(f"titles, image_refs and added must have one entry per item ({n})")
         present = images_present or set()
-        self._has_image = [ref is not None and ref[0] is not None and iid in present
-                           for iid, ref in zip(self._ids, self._refs, strict=True)]
-        self._added_images: dict[int, bytes] = {}
-        self._loaded = len(self._ids)
+        self._images: dict[int, bytes] = {self._index[iid]: data for iid, data in (images or {}).items()}
+        self._has_image = [(ref is not None and ref[0] is not None and iid in present) or i + 1 in self._images
+                           for i, (iid, ref) in enumerate(zip(self._ids, self._refs, strict=True))]
         self._lock = threading.Lock()
-        buffer = vectors.new_zeros(len(vectors) + max(64, len(vectors) // 4), vectors.shape[1])
-        buffer[: len(vectors)] = vectors
-        self._snapshot = Snapshot(len(self._ids), buffer, self._ids, self._index)
+        self._tail = torch.zeros(64, dim)  # rows of appended items; snapshots view its first rows
+        self._tail_count = 0
+        self._snapshot = Snapshot(n, ItemBlocks(self._base, dim), self._ids, self._index)
 
     def snapshot(self) -> Snapshot:
         return self._snapshot  # one attribute read: atomic
@@ -93,7 +117,7 @@ class Catalogue:
 
     @property
     def dim(self) -> int:
-        return int(self._snapshot.buffer.shape[1])
+        return self._dim
 
     def existing(self, ids: Sequence[str]) -> list[str]:
         """Those of ``ids`` that are already in the catalogue."""
@@ -102,27 +126,31 @@ class Catalogue:
 
     def append(self, ids: Sequence[str], vectors: Tensor, titles: Sequence[str | None],
                images: Sequence[bytes | None]) -> Snapshot:
-        """Add items (ids not in the catalogue) with their vectors; returns the snapshot that shows them."""
+        """Add items (ids not in the catalogue) with their ``(n, D)`` vectors; returns the snapshot that shows them."""
         with self._lock:
             taken = self.existing(ids)
             if taken:
                 raise DuplicateItemsError(f"item id(s) already in the catalogue: {', '.join(map(repr, taken[:5]))}")
             old = self._snapshot
-            start, n = old.count + 1, len(ids)
-            buffer = old.buffer
-            if start + n > len(buffer):  # full: a larger copy; readers of ``old`` keep the old buffer
-                buffer = buffer.new_zeros(max(2 * len(buffer), start + n), buffer.shape[1])
-                buffer[:start] = old.buffer[:start]
-            buffer[start:start + n] = vectors.to(buffer.dtype)
+            start, n, used = old.count + 1, len(ids), self._tail_count
+            tail = self._tail
+            if used + n > len(tail):  # full: a larger copy; readers of ``old`` keep the old buffer
+                tail = tail.new_zeros(max(2 * len(tail), used + n), self._dim)
+                tail[:used] = self._tail[:used]
+                self._tail = tail
+            tail[used:used + n] = vectors.to(tail.dtype)
+            self._tail_count = used + n
             for offset, (iid, title, image) in enumerate(zip(ids, titles, images, strict=True)):
                 self._ids.append(iid)
                 self._titles.append(title)
                 self._refs.append(None)
+                self._added.append(True)
                 self._has_image.append(image is not None)
                 if image is not None:
-                    self._added_images[start + offset] = image
+                    self._images[start + offset] = image
                 self._index[iid] = start + offset
-            self._snapshot = Snapshot(old.count + n, buffer, self._ids, self._index)
+            items = ItemBlocks(self._base + (tail[:used + n],), self._dim)
+            self._snapshot = Snapshot(old.count + n, items, self._ids, self._index)
             return self._snapshot
 
     def info(self, item_id: str) -> ItemInfo | None:
@@ -130,15 +158,15 @@ class Catalogue:
         if number is None:
             return None
         return ItemInfo(item_id, number, self._titles[number - 1], self._has_image[number - 1],
-                        number > self._loaded)
+                        self._added[number - 1])
 
     def image(self, item_id: str) -> bytes | None:
         """The encoded image bytes of an item (from memory for added items, else from its LMDB), or None."""
         number = self._snapshot.number(item_id)
         if number is None:
             return None
-        if number > self._loaded:
-            return self._added_images.get(number)
+        if number in self._images:
+            return self._images[number]
         ref = self._refs[number - 1]
         if ref is None or ref[0] is None:
             return None

@@ -24,6 +24,7 @@ import numpy as np
 
 from pmmrec.data.domain import read_domain
 from pmmrec.errors import PmmrecError
+from pmmrec.inference.ann import IndexSettings
 from pmmrec.inference.catalogue_vectors import CatalogueItems, model_key, sync_catalogue
 from pmmrec.inference.vector_store import VectorStore
 from pmmrec.models.loading import id_rows, load_model
@@ -47,8 +48,12 @@ class Export:
     version: int  # the store's version after the export
 
 
-def build_faiss_index(vectors: np.ndarray, kind: str = "hnsw", hnsw_neighbours: int = 32):
-    """An inner-product faiss index over ``vectors`` (N, D) float32."""
+def build_faiss_index(vectors: np.ndarray, kind: str = "hnsw", settings: IndexSettings | None = None):
+    """An inner-product faiss index over ``vectors`` (N, D) float32.
+
+    HNSW is built as ``serve --index hnsw`` builds it (:class:`~pmmrec.inference.ann.IndexSettings`: M,
+    efConstruction and efSearch tuned with ``pmmrec bench recall``), so an exported index has the recall the README
+    reports for the service."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs each CPU variant it tries
     try:
         import faiss
@@ -60,7 +65,10 @@ def build_faiss_index(vectors: np.ndarray, kind: str = "hnsw", hnsw_neighbours: 
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     else:
-        index = faiss.IndexHNSWFlat(dim, hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
+        s = settings or IndexSettings()
+        index = faiss.IndexHNSWFlat(dim, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = s.hnsw_ef_construction
+        index.hnsw.efSearch = s.hnsw_ef_search
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
 

@@ -30,13 +30,13 @@ from torch import Tensor
 from pmmrec.config import Config
 from pmmrec.data.batch import ItemInputs
 from pmmrec.data.datasets import left_pad
-from pmmrec.data.domain import find_domain_files, read_domain
+from pmmrec.data.domain import Domain, find_domain_files, read_domain
 from pmmrec.data.image_db import MAX_KEY_BYTES, image_keys
 from pmmrec.data.images import open_image
 from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
-from pmmrec.evaluation.ranking import topk_items
+from pmmrec.evaluation.ranking import ItemBlocks, topk_items
 from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
@@ -44,12 +44,14 @@ from pmmrec.inference.catalogue_vectors import (
     default_store_path,
     load_exported,
     model_key,
+    new_item_digests,
 )
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
+from pmmrec.inference.shared_store import POLL_INTERVAL, Attached, SharedStore, StoreDiverged
 from pmmrec.inference.start import DeferredModel, start_catalogue
 from pmmrec.inference.start_cache import file_identity
-from pmmrec.inference.vector_store import VectorStore
+from pmmrec.inference.vector_store import StoreError, VectorStore
 from pmmrec.models.loading import LoadedModel, build_model, read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
@@ -108,12 +110,14 @@ class Recommender:
     def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *,
                  domain: Path | None = None, device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                  shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
-                 index_settings: IndexSettings | None = None):
+                 index_settings: IndexSettings | None = None, shared: SharedStore | None = None):
         """``model``: a :class:`~pmmrec.models.pmmrec.PMMRec`, or the :class:`~pmmrec.inference.start.DeferredModel`
         of a quick start (the user encoder now, the item encoder when an item is first encoded).
         ``shortlist``: score large catalogues with a certified bfloat16 first pass
         (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
         ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`).
+        ``shared``: the store is shared with other processes (:mod:`pmmrec.inference.shared_store`; the catalogue
+        was read from it): items are added through it, and :meth:`refresh` picks up the others' additions.
 
         ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index built here
         and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
@@ -138,12 +142,15 @@ class Recommender:
         self._tokenizer = tokenizer_dir(config.text.encoder) if tower != "id" and modality != "vision" else None
         self._preprocessor = None  # the item encoder's image preprocessing, once an item is first encoded
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
+        self._shared = shared
+        self._sync_lock = threading.Lock()  # the shared store's view and the catalogue change together
+        self._follower: tuple[threading.Thread, threading.Event] | None = None
         self.shortlist = shortlist
-        self._scorer: tuple[Tensor, int, ShortlistScorer] | None = None  # (buffer, count, scorer) of a snapshot
+        self._scorer: tuple[ItemBlocks, ShortlistScorer] | None = None  # (a snapshot's items, their scorer)
         self.store = store
         # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
         # every later snapshot, whose added items it searches exactly.
-        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().vectors, self.index,
+        self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().items, self.index,
                                                                         self.index_settings)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -153,7 +160,7 @@ class Recommender:
                         batch_size: int = 256, progress: bool = False,
                         overrides: Sequence[str] = (), store: str | os.PathLike | None = "auto",
                         embeddings: str | os.PathLike | None = None, index: IndexKind = "auto",
-                        index_settings: IndexSettings | None = None) -> Recommender:
+                        index_settings: IndexSettings | None = None, shared: bool = False) -> Recommender:
         """Rebuild the model of a checkpoint and give it the catalogue of ``domain`` (default: its data.domain).
 
         A content model can recommend over any domain's items (transfer without fine-tuning); an ID model only
@@ -170,6 +177,17 @@ class Recommender:
         store in that folder (``pmmrec export-embeddings``) as the catalogue, as is; it must come from this
         checkpoint's item encoder. Titles and images (for display) then come from ``domain`` when there is one.
         ``index`` and ``index_settings``: exact or approximate search, as in the constructor.
+
+        ``shared``: this process is one of several serving the store (``pmmrec serve --workers N``;
+        :mod:`pmmrec.inference.shared_store`). The catalogue is then the store's items, memory-mapped, titles and
+        images from the domain (items added at run time: from the store); a store that holds every domain item is
+        taken as it is, without checking contents again (other processes may have added items to it that the
+        domain does not list; ``pmmrec serve`` brings the store in step once, before starting its workers,
+        :func:`sync_store`), any other is brought in step first. Items are then added through the store, and
+        :meth:`refresh` (or :meth:`follow`) picks up the ones other processes add. A store that cannot be written
+        is not shared: a warning, and :attr:`shared_store` is None. As on a quick start, when the start-up record
+        holds (its store manifest aside: the other processes' appends change it), the item encoder is built only
+        when an item is first encoded (:mod:`pmmrec.inference.start`).
         """
         if isinstance(overrides, str):
             raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
@@ -185,7 +203,7 @@ class Recommender:
             if domain is None and folder is not None and not folder.is_dir():
                 folder = None  # the checkpoint's training domain is not on this machine: no titles, no images
             return cls._from_embeddings(build_model(checkpoint, device), Path(embeddings), folder, device,
-                                        unknown_items, index, index_settings)
+                                        unknown_items, index, index_settings, shared)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
@@ -199,20 +217,31 @@ class Recommender:
                        unknown_items=unknown_items, index=index, index_settings=index_settings)
         vector_store = None if store is None else VectorStore(default_store_path(path, folder) if store == "auto"
                                                               else store)
-        # The model and the vectors: read back from the store alone when nothing changed since the last start.
+        # The model and the vectors: read back from the store alone when nothing changed since the last start;
+        # shared, the store's memory maps.
         started = start_catalogue(checkpoint, identity, folder, vector_store, overrides, device, batch_size,
-                                  progress, clock)
+                                  progress, clock, shared=shared and vector_store is not None)
         model, catalogue_domain, key = started.model, started.domain, started.key
-        refs = catalogue_domain.image_refs()
-        present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
-        catalogue = Catalogue(catalogue_domain.item_ids, started.vectors, catalogue_domain.titles, refs, present)
-        log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
-                 config.model.modality, config.model.fusion, catalogue.dim)
-        tracker = CatalogueStore(vector_store, key) if vector_store is not None and started.wrote != "failed" \
-            else None
+        if started.attached is not None:
+            catalogue = _catalogue_from_store(started.attached, catalogue_domain)
+            log.info("recommender: %d items from the shared vector store %s (version %d), titles and images "
+                     "from %s, model %s/%s, dim %d", len(catalogue), vector_store.path, started.attached.version,
+                     folder, config.model.modality, config.model.fusion, catalogue.dim)
+            tracker = CatalogueStore(vector_store, key)
+        else:
+            if shared and vector_store is not None:
+                log.warning("the vector store %s cannot be shared: this process serves its own copy of the "
+                            "catalogue and does not see items other processes add", vector_store.path)
+            refs = catalogue_domain.image_refs()
+            present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
+            catalogue = Catalogue(catalogue_domain.item_ids, started.vectors, catalogue_domain.titles, refs, present)
+            log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
+                     config.model.modality, config.model.fusion, catalogue.dim)
+            tracker = CatalogueStore(vector_store, key) if vector_store is not None and started.wrote != "failed" \
+                else None
         clock.lap("catalogue")
         recommender = cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
-                          store=tracker, index=index, index_settings=index_settings)
+                          store=tracker, index=index, index_settings=index_settings, shared=started.shared)
         clock.lap("index")
         log.info("recommender: ready in %.3fs (%s)", clock.total(), clock)
         return recommender
@@ -220,26 +249,93 @@ class Recommender:
     @classmethod
     def _from_embeddings(cls, loaded: LoadedModel, embeddings: Path, folder: Path | None, device: torch.device,
                          unknown_items: UnknownItems, index: IndexKind = "auto",
-                         index_settings: IndexSettings | None = None) -> Recommender:
+                         index_settings: IndexSettings | None = None, shared: bool = False) -> Recommender:
         """The catalogue of an exported store, checked against the checkpoint (see :meth:`from_checkpoint`)."""
         key = model_key(loaded.model, loaded.config, loaded.item_ids)
         vector_store = VectorStore(embeddings)
         stored = load_exported(vector_store, key, loaded.path)
-        titles = refs = present = None
-        if folder is not None:
-            shown = read_domain(folder, empty_title="blank")  # titles and images, for display only
-            number = shown.item_index()
-            titles = [shown.titles[number[i] - 1] if i in number else None for i in stored.ids]
-            refs = [(shown.image_db if i in number else None, i) for i in stored.ids]
-            present = image_keys(shown.image_db) if shown.image_db is not None else set()
-        vectors = torch.zeros(len(stored.ids) + 1, key.dim)
-        np.copyto(vectors[1:].numpy(), stored.vectors)
-        catalogue = Catalogue(stored.ids, vectors, titles, refs, present)
+        shown = read_domain(folder, empty_title="blank") if folder is not None else None  # for display only
+        follower = None
+        if shared:
+            follower = SharedStore(vector_store, stored.key)  # the store's key: items are appended under it
+            attached = follower.open()
+            if attached is None:
+                raise StoreError(f"--embeddings {embeddings}: the store changed or broke while it was read; start "
+                                 "again")
+        else:
+            content = {}  # titles and images of items persisted into the store at run time
+            for segment in stored.segments:
+                content.update(vector_store.read_content(segment))
+            attached = Attached(stored.ids, [stored.vectors], content, stored.version)
+        catalogue = _catalogue_from_store(attached, shown)
         log.info("recommender: %d items from the vector store %s (version %d), dim %d%s", len(catalogue), embeddings,
-                 stored.version, key.dim, f", titles and images from {folder}" if folder is not None else "")
+                 attached.version, key.dim, f", titles and images from {folder}" if folder is not None else "")
         return cls(loaded.model, loaded.config, catalogue, domain=folder, device=device,
                    unknown_items=unknown_items, store=CatalogueStore(vector_store, key, additions="persisted"),
-                   index=index, index_settings=index_settings)
+                   index=index, index_settings=index_settings, shared=follower)
+
+    # ------------------------------------------------------------------------------------------ shared store
+    @property
+    def shared_store(self) -> SharedStore | None:
+        """The vector store this recommender shares with other processes (``shared=True``), or None."""
+        return self._shared
+
+    def refresh(self) -> int:
+        """Pick up the items other processes added to the shared store since the last look; returns how many
+        (always 0 for a recommender that shares no store). Raises :class:`StoreDiverged` when the store was
+        rewritten rather than appended to (the catalogue stays as it is)."""
+        if self._shared is None:
+            return 0
+        with self._sync_lock:
+            return self._catch_up(force=False)
+
+    def _catch_up(self, force: bool) -> int:
+        """(Holding ``_sync_lock``.) Append the shared store's new rows to the catalogue."""
+        rows = self._shared.new_rows(self.catalogue.snapshot().ids, force)
+        if rows is None:
+            return 0
+        content = [rows.content.get(iid, (None, None)) for iid in rows.ids]
+        self.catalogue.append(rows.ids, torch.from_numpy(rows.vectors), [c[0] for c in content],
+                              [c[1] for c in content])
+        log.info("picked up %d item(s) added by another process (store version %d): %s", len(rows.ids),
+                 rows.version, ", ".join(rows.ids[:5]))
+        return len(rows.ids)
+
+    def follow(self, interval: float = POLL_INTERVAL) -> None:
+        """Call :meth:`refresh` every ``interval`` seconds in a daemon thread, until :meth:`close` (nothing for a
+        recommender that shares no store). A look costs one ``stat`` of ``store.json`` unless it changed."""
+        if self._shared is None or self._follower is not None:
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            failures = 0
+            while not stop.wait(interval):
+                try:
+                    self.refresh()
+                    failures = 0
+                except StoreDiverged as e:
+                    log.warning("%s; no longer following it (restart to serve the new store)", e)
+                    return
+                except (OSError, StoreError) as e:  # e.g. segments merged away between the manifest and their files
+                    failures += 1
+                    (log.warning if failures % 40 == 0 else log.debug)(
+                        "could not read the shared vector store %s (%d tries): %s", self._shared.store.path,
+                        failures, e)
+                except Exception:  # a bug: say so, keep serving what there is
+                    log.exception("following the shared vector store %s failed", self._shared.store.path)
+                    return
+
+        thread = threading.Thread(target=loop, name="pmmrec-store-follower", daemon=True)
+        self._follower = (thread, stop)
+        thread.start()
+
+    def close(self) -> None:
+        """Stop following the shared store (:meth:`follow`)."""
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower[1].set()
+            follower[0].join(10)
 
     # ----------------------------------------------------------------------------------------------- queries
     @property
@@ -263,7 +359,7 @@ class Recommender:
     def item_vectors(self) -> tuple[list[str], np.ndarray]:
         """Every item's id and vector, ``(ids, (N, D) float32)``, in catalogue order."""
         snap = self.catalogue.snapshot()
-        return list(snap.ids[: snap.count]), snap.vectors[1:].numpy().astype(np.float32, copy=True)
+        return list(snap.ids[: snap.count]), snap.items.rows(1, snap.count + 1).numpy().astype(np.float32, copy=True)
 
     def _numbers(self, snap: Snapshot, history: Sequence[str], unknown_items: UnknownItems) -> tuple[
             np.ndarray, list[str]]:
@@ -285,9 +381,9 @@ class Recommender:
     @torch.no_grad()
     def _user_vectors(self, snap: Snapshot, histories: list[np.ndarray]) -> Tensor:
         """(U, D) user vectors: the user encoder's state after the last max_seq_len items (as in evaluation)."""
-        inputs = torch.from_numpy(np.stack([left_pad(h, self.max_seq_len) for h in histories])).to(self.device)
-        vectors = snap.vectors.to(self.device)
-        states = self.model.encode_sequences(vectors[inputs], inputs != 0)  # (U, L, D)
+        numbers = torch.from_numpy(np.stack([left_pad(h, self.max_seq_len) for h in histories]))  # (U, L)
+        inputs = numbers.to(self.device)
+        states = self.model.encode_sequences(snap.items.gather(numbers).to(self.device), inputs != 0)  # (U, L, D)
         return states[:, -1].float()
 
     def encode_user(self, history: Sequence[str], unknown_items: UnknownItems | None = None) -> Tensor:
@@ -341,11 +437,11 @@ class Recommender:
             exclude = [torch.from_numpy(p[1]) if p[4] else torch.zeros(0, dtype=torch.long) for p in parsed]
             scorer = self._shortlist_scorer(snap) if self._ann is None else None
             if self._ann is not None:
-                scores, items = self._ann.topk(users, snap.vectors, width, exclude)  # (U, width)
+                scores, items = self._ann.topk(users, snap.items, width, exclude)  # (U, width)
             elif scorer is not None:
                 scores, items = scorer.topk(users, width, exclude)  # (U, width)
             else:
-                scores, items = topk_items(users, snap.vectors.to(self.device), width, exclude)
+                scores, items = topk_items(users, snap.items, width, exclude)
             scores, items = scores.cpu().tolist(), items.cpu().tolist()
             for row, (i, numbers, unknown, k, _) in enumerate(parsed):
                 # Slots past the candidates left (fewer than k) hold item 0: padding, dropped.
@@ -359,19 +455,19 @@ class Recommender:
         if snap.count < SHORTLIST_MIN_ITEMS or self.device.type != "cpu":
             return None
         if self.shortlist is None:
-            self.shortlist = bf16_pays(snap.buffer.shape[1])
+            self.shortlist = bf16_pays(snap.items.dim)
         if not self.shortlist:
             return None
         cached = self._scorer
-        if cached is not None and not cached[2].pays:  # the certificate keeps failing: float32 from now on
+        if cached is not None and not cached[1].pays:  # the certificate keeps failing: float32 from now on
             log.info("recommender: the bfloat16 shortlist needed the float32 path for %d of %d users; scoring in "
-                     "float32 from now on", cached[2].fallbacks, cached[2].users)
+                     "float32 from now on", cached[1].fallbacks, cached[1].users)
             self.shortlist, self._scorer = False, None
             return None
-        if cached is not None and cached[0] is snap.buffer and cached[1] == snap.count:
-            return cached[2]
-        scorer = ShortlistScorer(snap.vectors)
-        self._scorer = (snap.buffer, snap.count, scorer)  # one assignment: concurrent readers see old or new
+        if cached is not None and cached[0] is snap.items:
+            return cached[1]
+        scorer = ShortlistScorer(snap.items)
+        self._scorer = (snap.items, scorer)  # one assignment: concurrent readers see old or new
         return scorer
 
     @staticmethod
@@ -477,22 +573,58 @@ class Recommender:
         atomically), so the next :meth:`from_checkpoint` has them. Their vectors go into the recommender's vector
         store (a store serving as the catalogue, ``embeddings=``, takes persisted items only), so that the next
         start encodes nothing. Returns the ids added.
+
+        With a shared store (``shared=True``) the ids are checked against the store under its lock, so an id that
+        another process added first is a :class:`DuplicateItemsError` too, and the items (vectors, titles,
+        images) are committed to the store, where the other processes find them.
         """
         items = list(items)
         if not items:
             return []
         with self._add_lock:
             checked = self._check_new(items)
+            shared = self._shared
+            if shared is not None and self.store.additions == "persisted" and not persist:
+                raise CannotAddItemsError(
+                    f"the vector store {shared.store.path} is served as the catalogue by several processes and takes "
+                    "persisted items only: add items with persist=True (pmmrec serve --persist-items)")
             if persist:
                 self._check_persistable(checked)
             vectors = self._encode(checked)
-            if persist and self.domain is not None:
-                persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
-            self._store_added(checked, vectors, persist)  # after the domain: a failed domain write leaves it as was
-            self.catalogue.append([c[0] for c in checked], vectors, [c[1] for c in checked],
-                                  [c[2] for c in checked])
+            if shared is not None:
+                self._add_shared(checked, vectors, persist)
+            else:
+                if persist and self.domain is not None:
+                    persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
+                self._store_added(checked, vectors, persist)  # after the domain: a failed domain write leaves it
+                self.catalogue.append([c[0] for c in checked], vectors, [c[1] for c in checked],
+                                      [c[2] for c in checked])
         log.info("added %d item(s): %s", len(checked), ", ".join(c[0] for c in checked[:5]))
         return [c[0] for c in checked]
+
+    def _add_shared(self, checked: list[tuple[str, str | None, bytes | None]], vectors: Tensor,
+                    persist: bool) -> None:
+        """Commit encoded items to the shared store, holding its lock: catch up with what the other processes
+        added, refuse ids taken meanwhile, write the domain folder (``persist``), append, then show them here."""
+        shared = self._shared
+        ids = [c[0] for c in checked]
+        try:
+            with shared.locked(), self._sync_lock:
+                self._catch_up(force=True)
+                taken = self.catalogue.existing(ids)
+                if taken:
+                    raise DuplicateItemsError(f"item id(s) already in the catalogue: "
+                                              f"{', '.join(map(repr, taken[:5]))}")
+                if persist and self.domain is not None:  # under the lock: one writer of items.tsv at a time
+                    persist_items(self.domain, [(iid, title or "", image) for iid, title, image in checked])
+                shared.append(ids, new_item_digests(self.model.item_encoder, checked), vectors.float().cpu().numpy(),
+                              [(title, image) for _, title, image in checked])
+                self.catalogue.append(ids, vectors, [c[1] for c in checked], [c[2] for c in checked])
+        except StoreDiverged as e:
+            raise PmmrecError(f"cannot add items: {e}") from None
+        except OSError as e:
+            raise PmmrecError(f"cannot add the new item(s) to the shared vector store {shared.store.path}: "
+                              f"{e.strerror or e}") from None
 
     def _store_added(self, checked: list[tuple[str, str | None, bytes | None]], vectors: Tensor,
                      persist: bool) -> None:
@@ -531,3 +663,52 @@ def _titles_by_id(folder: Path, ids: list[str]) -> list[str | None]:
     item_ids, titles = read_items(find_domain_files(folder).items, empty_title="blank")
     by_id = dict(zip(item_ids, titles, strict=True))
     return [by_id.get(i) for i in ids]
+
+
+def _catalogue_from_store(attached: Attached, shown: Domain | None) -> Catalogue:
+    """A catalogue of a store's items in its order, vectors as its blocks (not copied): titles and images from the
+    domain ``shown`` when it lists the item, else from the store (items added at run time)."""
+    number = shown.item_index() if shown is not None else {}
+    refs = shown.image_refs() if shown is not None else []
+    present = image_keys(shown.image_db) if shown is not None and shown.image_db is not None else set()
+    titles, image_refs, added, images = [], [], [], {}
+    for iid in attached.ids:
+        k = number.get(iid)
+        if k is not None:
+            titles.append(shown.titles[k - 1])
+            image_refs.append(refs[k - 1])
+            added.append(False)
+        else:
+            title, image = attached.content.get(iid, (None, None))
+            titles.append(title)
+            image_refs.append(None)
+            added.append(iid in attached.content)
+            if image is not None:
+                images[iid] = image
+    blocks = [ItemBlocks.from_array(b) for b in attached.blocks]
+    return Catalogue(attached.ids, blocks, titles, image_refs, present, images=images, added=added)
+
+
+def sync_store(path: str | os.PathLike, domain: str | os.PathLike | None = None, *,
+               store: str | os.PathLike | None = "auto", device: torch.device | str = "cpu", batch_size: int = 256,
+               progress: bool = False, overrides: Sequence[str] = ()) -> Path | None:
+    """Bring a checkpoint's vector store in step with its catalogue, as :meth:`Recommender.from_checkpoint`
+    does, without making a recommender: ``pmmrec serve --workers N`` runs it once, before its workers share
+    the store (a quick start when nothing changed since the last one: the store is only read and checked).
+    Returns the store's folder; None when nothing is stored (the ID tower, ``store=None``) or the store could not
+    be written."""
+    device = torch.device(device)
+    identity = file_identity(path)  # before reading, as from_checkpoint
+    checkpoint = read_checkpoint(path, list(overrides))
+    config = checkpoint.config
+    folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
+    if config.model.item_tower == "id" or store is None:
+        return None
+    if folder is None:
+        raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
+                          "(--domain FOLDER)")
+    vector_store = VectorStore(default_store_path(path, folder) if store == "auto" else store)
+    # As a start does: nothing more than reading the store when nothing changed since the last one.
+    started = start_catalogue(checkpoint, identity, folder, vector_store, overrides, device, batch_size, progress,
+                              PhaseClock())
+    return None if started.wrote == "failed" else vector_store.path

@@ -34,7 +34,7 @@ import time
 import torch
 from torch import Tensor
 
-from pmmrec.evaluation.ranking import history_in_chunk, pad_histories, topk_items
+from pmmrec.evaluation.ranking import ItemBlocks, history_in_chunk, pad_histories, topk_items
 
 MARGIN = 32  # shortlist slots beyond k: enough for the certificate to hold for (nearly) every user
 ERROR_FACTOR = 2.0**-6  # err = ERROR_FACTOR * |u| * max |v|: above the 3 * 2**-8 bound of bfloat16 rounding
@@ -66,12 +66,17 @@ def bf16_pays(dim: int = 64, items: int = 32768, users: int = 24) -> bool:
 class ShortlistScorer:
     """Exact top-K of users over one set of item vectors, shortlisted in bfloat16 (see the module docstring)."""
 
-    def __init__(self, vectors: Tensor):
-        if vectors.dim() != 2 or vectors.shape[0] < 2:
+    def __init__(self, vectors: Tensor | ItemBlocks):
+        """``vectors``: ``(N+1, D)`` with row 0 the padding, or the catalogue's :class:`ItemBlocks` (read in
+        place, float32). The bfloat16 copy is this scorer's own: half the size of the float32 vectors."""
+        if isinstance(vectors, Tensor) and (vectors.dim() != 2 or vectors.shape[0] < 2):
             raise ValueError(f"vectors must be (N+1, D) with row 0 the padding, got {tuple(vectors.shape)}")
-        self.vectors = vectors.float()  # (N+1, D)
-        self.low = self.vectors[1:].bfloat16()  # (N, D): item i is row i - 1
-        self.max_norm = float(self.vectors[1:].norm(dim=1).max())
+        self.items = ItemBlocks.of(vectors.float() if isinstance(vectors, Tensor) else vectors)
+        if self.items.count < 1:
+            raise ValueError("vectors must hold at least one item")
+        low = [b.bfloat16() for b in self.items.blocks]
+        self.low = low[0] if len(low) == 1 else torch.cat(low)  # (N, D): item i is row i - 1
+        self.max_norm = max(float(b.float().norm(dim=1).max()) for b in self.items.blocks)
         self.users = 0  # users answered
         self.fallbacks = 0  # of them, answered by the float32 path (the certificate failed)
 
@@ -99,13 +104,13 @@ class ShortlistScorer:
         num_users, num_items = users.shape[0], self.low.shape[0]
         self.users += num_users
         if num_users == 0:
-            return topk_items(users, self.vectors, k, excl)
+            return topk_items(users, self.items, k, excl)
         m = k + MARGIN
         if m >= num_items:  # a small catalogue: the shortlist would be all of it
-            return topk_items(users, self.vectors, k, excl)
+            return topk_items(users, self.items, k, excl)
         users = users.float()
         approx, cand = self._shortlist(users, m, excl)  # (U, m) best approximate scores, item numbers
-        exact = torch.bmm(self.vectors[cand], users.unsqueeze(2)).squeeze(2)  # (U, m) float32
+        exact = torch.bmm(self.items.gather(cand), users.unsqueeze(2)).squeeze(2)  # (U, m) float32
         if excl is not None:
             excluded = (cand.unsqueeze(2) == excl.unsqueeze(1)).any(2)  # (U, m)
             exact = exact.masked_fill(excluded, float("-inf"))
@@ -117,7 +122,7 @@ class ShortlistScorer:
             redo = (~certified).nonzero().squeeze(1)
             self.fallbacks += len(redo)
             sub = None if excl is None else excl[redo]
-            scores[redo], items[redo] = topk_items(users[redo], self.vectors, k, sub)
+            scores[redo], items[redo] = topk_items(users[redo], self.items, k, sub)
         return scores, items
 
     def _shortlist(self, users: Tensor, m: int, excl: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,13 @@ and titles) and the store (checked: sizes and SHA-256, key, version, ids in orde
 :class:`DeferredModel`: the user encoder now, the item encoder (``transformers``, the pretrained weights) the first
 time an item is encoded. ``users.tsv`` decides no vector: when it changed, it is validated as the full path does.
 Anything else takes the full path; so does a store that fails its checks, which the full path then rebuilds.
+
+**Shared** (``shared=True``: one of ``pmmrec serve --workers N``, :mod:`pmmrec.inference.shared_store`): the store
+is opened memory-mapped rather than read into memory, and taken as it is when it holds every domain item under the
+key (the other workers may have appended items to it; ``pmmrec serve`` brings it in step before starting them).
+When the record holds but for the store's manifest (appends change it), the key comes from the record and the model
+is a :class:`DeferredModel`, as on the quick path. Otherwise the whole model is built and the store opened under its
+key, or brought in step first (the full path) and opened then.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pmmrec.data.domain import Domain, find_domain_files, read_domain, read_item
 from pmmrec.data.item_features import tokenizer_fingerprint
 from pmmrec.errors import PmmrecError
 from pmmrec.inference.catalogue_vectors import CatalogueItems, model_key, sync_catalogue
+from pmmrec.inference.shared_store import Attached, SharedStore
 from pmmrec.inference.start_cache import StartCache, catalogue_sources, file_identity, open_cache
 from pmmrec.inference.vector_store import StoreError, StoreKey, VectorStore
 from pmmrec.models.item_encoder import ItemEncoder
@@ -112,22 +120,39 @@ class DeferredModel:
 class StartedCatalogue:
     model: PMMRec | DeferredModel
     domain: Domain
-    vectors: Tensor  # (N+1, D) float32, row 0 = padding
+    vectors: Tensor | None  # (N+1, D) float32, row 0 = padding; None when the catalogue is ``attached``
     key: StoreKey
     wrote: str  # what happened to the store (SyncResult.wrote); "nothing" on the quick path
+    shared: SharedStore | None = None  # shared=True and the store could be shared: this process's view of it
+    attached: Attached | None = None  # then the store's items as it read them (vectors memory-mapped)
 
 
 def start_catalogue(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: VectorStore | None,
                     overrides: Sequence[str], device: torch.device, batch_size: int, progress: bool,
-                    clock: PhaseClock) -> StartedCatalogue:
+                    clock: PhaseClock, shared: bool = False) -> StartedCatalogue:
     """The model and the catalogue's vectors of a content checkpoint over the domain ``folder``, by the quick path
     when it holds, else the full one (see the module docstring). ``identity``: the checkpoint file's
-    (:func:`~pmmrec.inference.start_cache.file_identity`), taken before it was read. ``clock`` times the phases."""
+    (:func:`~pmmrec.inference.start_cache.file_identity`), taken before it was read. ``clock`` times the phases.
+    ``shared``: open the store shared with other processes (module docstring); when it cannot be shared, the
+    vectors are read as without it (``shared`` and ``attached`` None)."""
     cache = open_cache(store)
-    quick = _quick(checkpoint, identity, folder, store, cache, overrides, device, clock) if cache is not None \
-        else None
-    if quick is not None:
-        return quick
+    recorded = _recorded(checkpoint, identity, folder, store, cache, overrides, clock, shared) \
+        if cache is not None else None
+    if recorded is not None:
+        key, version, domain = recorded
+        if shared:
+            opened = _open_shared(store, key, domain)
+            if opened is not None:
+                model = DeferredModel(checkpoint, key, device, cache)
+                clock.lap("model")
+                log.info("catalogue vectors: %d shared from the store %s (quick start: the catalogue, the "
+                         "checkpoint and the store are as the last start recorded them; the item encoder is loaded "
+                         "when an item is first encoded)", len(opened[1].ids), store.path)
+                return StartedCatalogue(model, domain, None, key, "nothing", *opened)
+        else:
+            quick = _quick(checkpoint, store, cache, key, version, domain, device, clock)
+            if quick is not None:
+                return quick
     loaded = build_model(checkpoint, device)
     model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
     clock.lap("model")
@@ -139,21 +164,42 @@ def start_catalogue(checkpoint: Checkpoint, identity: dict | None, folder: Path,
     clock.lap("domain")
     key = model_key(model, config, trained_ids, cache, identity, overrides)
     clock.lap("key")
+    if shared and store is not None:
+        # A store holding every domain item under this key is taken as it is (the other workers may have added
+        # items to it): the start that wrote it checked them (pmmrec serve syncs before starting its workers).
+        opened = _open_shared(store, key, domain)
+        if opened is not None:
+            clock.lap("vectors")
+            return StartedCatalogue(model, domain, None, key, "nothing", *opened)
     synced = sync_catalogue(model, config, items, key, store, device, batch_size, progress,
                             info={"checkpoint": str(checkpoint.path), "domain": str(folder)})
     clock.lap("vectors")
     if cache is not None and synced.wrote != "failed" and config.model.item_tower == "content" and \
             [file_identity(p) for p in catalogue_sources(folder, config)] == sources:
         cache.record_catalogue(identity, overrides, sources, users, began, key)
+    if shared and store is not None and synced.wrote != "failed":
+        opened = _open_shared(store, key, domain)
+        if opened is not None:
+            return StartedCatalogue(model, domain, None, key, synced.wrote, *opened)
     return StartedCatalogue(model, domain, synced.vectors, key, synced.wrote)
 
 
-def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: VectorStore, cache: StartCache,
-           overrides: Sequence[str], device: torch.device, clock: PhaseClock) -> StartedCatalogue | None:
+def _open_shared(store: VectorStore, key: StoreKey, domain: Domain) -> tuple[SharedStore, Attached] | None:
+    """The store opened shared (:meth:`SharedStore.open`), if it holds every item of ``domain`` under ``key``."""
+    follower = SharedStore(store, key)
+    attached = follower.open(required=domain.item_ids)
+    return (follower, attached) if attached is not None else None
+
+
+def _recorded(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: VectorStore, cache: StartCache,
+              overrides: Sequence[str], clock: PhaseClock, shared: bool) -> tuple[StoreKey, int, Domain] | None:
+    """The store key and version of the catalogue record, and the domain read without its images, when the record
+    holds (the checkpoint, the catalogue's files, the tokenizer and, unless ``shared``, the store manifest as
+    recorded); else None."""
     config = checkpoint.config
     if config.model.item_tower != "content":  # content+id: ID rows depend on the trained ids (full path)
         return None
-    recorded = cache.recorded_catalogue(identity, overrides, catalogue_sources(folder, config))
+    recorded = cache.recorded_catalogue(identity, overrides, catalogue_sources(folder, config), manifest=not shared)
     if recorded is None:
         return None
     key, version = recorded.key, recorded.version
@@ -171,6 +217,12 @@ def _quick(checkpoint: Checkpoint, identity: dict | None, folder: Path, store: V
             cache.record_users(users, began)
     domain = Domain(folder.resolve().name, ids, titles, [], [], image_db=files.images, path=folder)
     clock.lap("domain")
+    return key, version, domain
+
+
+def _quick(checkpoint: Checkpoint, store: VectorStore, cache: StartCache, key: StoreKey, version: int,
+           domain: Domain, device: torch.device, clock: PhaseClock) -> StartedCatalogue | None:
+    """The quick path (module docstring) once the record holds: the store read, checked, as the record says."""
     try:
         stored = store.read()
     except StoreError as e:  # the full path reads it again, says why it is unusable, and rebuilds it

@@ -236,11 +236,13 @@ class StartCache:
         self._record("catalogue", None)
 
     def recorded_catalogue(self, checkpoint: dict | None, overrides: Sequence[str],
-                           sources: Sequence[Path]) -> CatalogueRecord | None:
+                           sources: Sequence[Path], manifest: bool = True) -> CatalogueRecord | None:
         """What the last start recorded of this catalogue (:meth:`record_catalogue`), if the checkpoint file
         (identity ``checkpoint``, taken before it was read), the overrides, pmmrec, the catalogue's files and the
         store's manifest are all unchanged since; else None. The caller checks that the store it reads has the
-        recorded version (a writer may commit in between)."""
+        recorded version (a writer may commit in between). ``manifest=False`` skips the manifest: for a caller
+        that checks the store itself (a worker sharing it takes any store holding the catalogue's items under the
+        recorded key, with the items other workers appended since)."""
         entry = self._data.get("catalogue")
         if not isinstance(entry, dict) or not _unchanged(checkpoint):
             return None
@@ -248,7 +250,8 @@ class StartCache:
         if {k: entry.get(k) for k in match} != match or entry.get("sources") != _identities(list(sources)):
             return None
         try:
-            if hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest() != entry.get("manifest"):
+            if manifest and \
+                    hashlib.sha256(self.store.manifest_path.read_bytes()).hexdigest() != entry.get("manifest"):
                 return None
             return CatalogueRecord(StoreKey.from_dict(entry["key"]), int(entry["version"]), entry.get("users"))
         except (OSError, KeyError, TypeError, ValueError):

@@ -8,12 +8,14 @@ another worker or another machine reads them instead. It is a folder::
     <S>.vectors.npy         (n, D) float32 vectors of segment S, row-major: np.load(..., mmap_mode="r") maps it
     <S>.ids.txt             the segment's raw item ids, one per line (UTF-8), in row order
     <S>.digests.npy         (n, 16) uint8: each item's content digest (what its vector was computed from)
+    <S>.items.jsonl         optional: titles and images of items added at run time (one JSON object a line:
+                            ``{"id", "title", "image": base64 or null}``), for the other processes serving the store
 
 The manifest (JSON) holds ``format``, ``format_version``, ``version`` (bumped by every commit), ``count`` and
 ``dim``, the ``key`` the vectors were computed under (:class:`StoreKey`: a digest of the item encoder's weights,
 the dimension, the item tower and the preprocessing of titles and images), and the ordered ``segments``, each with
-its row count and the byte size and SHA-256 of each of its files. The store's items are the segments' rows in
-order; an id appears once.
+its row count and the byte size and SHA-256 of each of its files (``items``, the content file, only for segments
+that have one). The store's items are the segments' rows in order; an id appears once.
 
 *Writes are atomic.* Segment files are immutable and named by a number never used before in the folder; each is
 written to a temporary name and renamed, and only then is the manifest replaced (temporary name, rename), so a
@@ -25,12 +27,14 @@ take an exclusive ``flock`` on ``.lock`` in the folder.
 *Reads verify.* A missing file, a size that differs from the manifest's (truncation), a SHA-256 that differs (a
 flipped byte) or an ``.npy`` header that does not match is a :class:`StoreError`; nothing unverified is served.
 
-Sharing one store between processes (an append-only store with a version number) builds on this: a reader polls
-``store.json`` and, when ``version`` grew with the same first segments, maps the new segments only.
+Several processes serve one store (:mod:`pmmrec.inference.shared_store`): each memory-maps its segments, polls
+``store.json`` (:meth:`VectorStore.stamp`) and, when ``version`` grew, reads the rows past those it has; items
+added at run time are appended under the lock, with their titles and images in the segment's content file.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -57,7 +61,10 @@ DIGEST_BYTES = 16  # per-item content digests (blake2b-128, as the feature cache
 MAX_SEGMENTS = 16  # an append past this many merges the segments after the first (the base stays untouched)
 AUX_PREFIX = "aux."  # files other modules keep in a store's folder (start-up caches): never read as the store
 _PARTS = {"vectors": ".vectors.npy", "ids": ".ids.txt", "digests": ".digests.npy"}
-_SEGMENT_FILE = re.compile(r"^(\d{6,})\.(vectors\.npy|ids\.txt|digests\.npy)$")
+CONTENT = "items"  # the optional part: titles and images of items added at run time
+_CONTENT_SUFFIX = ".items.jsonl"
+_SEGMENT_FILE = re.compile(r"^(\d{6,})\.(vectors\.npy|ids\.txt|digests\.npy|items\.jsonl)$")
+Content = tuple[str | None, bytes | None]  # an added item's (title, encoded image)
 
 
 class StoreError(PmmrecError):
@@ -164,7 +171,7 @@ class VectorStore:
             segments = data["segments"]
             rows = sum(int(s["rows"]) for s in segments)
             for s in segments:
-                for part in _PARTS:
+                for part in (*_PARTS, *([CONTENT] if CONTENT in s["files"] else [])):
                     entry = s["files"][part]
                     str(entry["name"]), int(entry["bytes"]), str(entry["sha256"])
             if rows != int(data["count"]) or int(data["dim"]) != int(data["key"]["dim"]) or int(data["version"]) < 1:
@@ -195,6 +202,37 @@ class VectorStore:
         else:
             vectors = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, key.dim), dtype=np.float32)
         return StoredVectors(key, int(data["version"]), ids, digests, vectors, list(data["segments"]))
+
+    def stamp(self) -> tuple[int, ...] | None:
+        """What changes whenever the manifest is replaced (inode, size, times), or None without one: cheap to poll
+        before reading the manifest itself."""
+        try:
+            st = self.manifest_path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def read_segments(self, data: dict, segments: Sequence[dict], verify: bool = True) -> list[
+            tuple[list[str], np.ndarray, np.ndarray]]:
+        """``(ids, digests, vectors)`` of each of ``segments`` (entries of the manifest ``data``), files checked;
+        the vectors are read-only memory maps of their files."""
+        return self._segments({**data, "segments": list(segments)}, verify)
+
+    def read_content(self, segment: dict, verify: bool = True) -> dict[str, Content]:
+        """The titles and images of the items a segment's content file holds, by id ({} without one)."""
+        entry = segment["files"].get(CONTENT)
+        if entry is None:
+            return {}
+        path = self._checked_file(entry, verify)
+        out: dict[str, Content] = {}
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                image = row.get("image")
+                out[str(row["id"])] = (row.get("title"), base64.b64decode(image) if image is not None else None)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path}: unreadable item content ({e})") from None
+        return out
 
     def _segments(self, data: dict, verify: bool) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
         """Each segment's (ids, digests, vectors memory-mapped), files checked."""
@@ -274,16 +312,22 @@ class VectorStore:
         version = (int(old["version"]) if old is not None else 0) + 1
         segment = self._write_segment(self._next_number(old), ids, digests, vectors)
         self._commit(key, version, [segment], info if info is not None else (old or {}).get("info", {}))
-        self._remove_unreferenced({segment["files"][p]["name"] for p in _PARTS})
+        self._remove_unreferenced(_file_names([segment]))
         return version
 
-    def append(self, key: StoreKey, ids: Sequence[str], digests: np.ndarray, vectors: np.ndarray) -> int:
+    def append(self, key: StoreKey, ids: Sequence[str], digests: np.ndarray, vectors: np.ndarray,
+               content: Sequence[Content] | None = None) -> int:
         """Add items (ids not in the store yet) as a new segment; returns the new version.
 
-        The store must exist, be intact (sizes checked) and have ``key``; otherwise :class:`StoreError` and
-        nothing changes. Past :data:`MAX_SEGMENTS` segments, those after the first are merged into one.
+        ``content``: each item's (title, encoded image), kept in the segment's content file so that other
+        processes serving the store can show the items (items added at run time). The store must exist, be intact
+        (sizes checked) and have ``key``; otherwise :class:`StoreError` and nothing changes. Past
+        :data:`MAX_SEGMENTS` segments, those after the first are merged into one (content files too).
         """
         self._check_new(key, ids, digests, vectors)
+        if content is not None and len(content) != len(ids):
+            raise ValueError(f"content must have one entry per item ({len(ids)}), got {len(content)}")
+        lines = None if content is None else [_content_line(i, c) for i, c in zip(ids, content, strict=True)]
         old = self.manifest()
         if StoreKey.from_dict(old["key"]) != key:
             raise StoreError(f"{self.path}: the store holds another model's vectors; not appending to it")
@@ -296,17 +340,26 @@ class VectorStore:
         merged = len(segments) + 1 > MAX_SEGMENTS
         if merged:  # the tail segments and the new items become one segment; the base (often large) stays
             tail = parts[1:]
+            kept = [line for s in segments[1:] for line in self._content_lines(s)]
             segments = [segments[0], self._write_segment(
                 number, [i for seg_ids, _, _ in tail for i in seg_ids] + list(ids),
                 np.concatenate([p[1] for p in tail] + [digests]),
-                np.concatenate([np.asarray(p[2]) for p in tail] + [vectors]))]
+                np.concatenate([np.asarray(p[2]) for p in tail] + [vectors]),
+                kept + (lines or []) if kept or lines else None)]
         else:
-            segments.append(self._write_segment(number, ids, digests, vectors))
+            segments.append(self._write_segment(number, ids, digests, vectors, lines))
         version = int(old["version"]) + 1
         self._commit(key, version, segments, old.get("info", {}))
         if merged:
-            self._remove_unreferenced({s["files"][p]["name"] for s in segments for p in _PARTS})
+            self._remove_unreferenced(_file_names(segments))
         return version
+
+    def _content_lines(self, segment: dict) -> list[str]:
+        entry = segment["files"].get(CONTENT)
+        if entry is None:
+            return []
+        path = self._checked_file(entry, verify=False)
+        return path.read_text(encoding="utf-8").splitlines()
 
     def _check_new(self, key: StoreKey, ids: Sequence[str], digests: np.ndarray, vectors: np.ndarray) -> None:
         n = len(ids)
@@ -343,17 +396,21 @@ class VectorStore:
             used += [int(m.group(1)) for p in self.path.iterdir() if (m := _SEGMENT_FILE.match(p.name))]
         return max(used) + 1
 
-    def _write_segment(self, number: int, ids: Sequence[str], digests: np.ndarray, vectors: np.ndarray) -> dict:
+    def _write_segment(self, number: int, ids: Sequence[str], digests: np.ndarray, vectors: np.ndarray,
+                       content_lines: Sequence[str] | None = None) -> dict:
         name = f"{number:06d}"
         self.path.mkdir(parents=True, exist_ok=True)
         files = {}
         contents = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
                     "digests": np.ascontiguousarray(digests, dtype=np.uint8)}
-        for part, suffix in _PARTS.items():
+        parts = dict(_PARTS, **({CONTENT: _CONTENT_SUFFIX} if content_lines is not None else {}))
+        for part, suffix in parts.items():
             path = self.path / f"{name}{suffix}"
             with atomic_file(path, "wb") as f:
                 if part == "ids":
                     f.write("".join(f"{i}\n" for i in ids).encode("utf-8"))
+                elif part == CONTENT:
+                    f.write("".join(f"{line}\n" for line in content_lines).encode("utf-8"))
                 else:
                     np.save(f, contents[part], allow_pickle=False)
             files[part] = {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
@@ -372,3 +429,14 @@ class VectorStore:
             if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+def _file_names(segments: Sequence[dict]) -> set[str]:
+    return {entry["name"] for s in segments for entry in s["files"].values()}
+
+
+def _content_line(item_id: str, content: Content) -> str:
+    title, image = content
+    return json.dumps({"id": item_id, "title": title,
+                       "image": base64.b64encode(image).decode("ascii") if image is not None else None},
+                      ensure_ascii=False)

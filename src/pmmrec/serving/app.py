@@ -19,6 +19,7 @@ routes (:mod:`pmmrec.serving.explorer_api`), over the recommender and optionally
 import base64
 import binascii
 import logging
+import os
 import re
 
 from fastapi import FastAPI, HTTPException, Request
@@ -63,8 +64,8 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     through ``POST /items`` are added to it too when it can take them. ``names`` label the models on the page.
 
     ``persist_items`` writes every item added through ``POST /items`` into the catalogue's domain folder.
-    ``add_items=False`` answers ``POST /items`` with 409 and ``add_items_refusal`` as the reason (e.g. when
-    several worker processes each hold their own catalogue, which additions would make diverge).
+    ``add_items=False`` answers ``POST /items`` with 409 and ``add_items_refusal`` as the reason (e.g. several
+    worker processes without a shared vector store, whose catalogues additions would make diverge).
 
     ``max_batch`` and ``batch_concurrency``: concurrent ``POST /recommend`` requests are scored in batches of up
     to ``max_batch``, ``batch_concurrency`` batches at a time (:mod:`pmmrec.serving.batching`).
@@ -139,9 +140,11 @@ def create_app(recommender: Recommender, limits: ServiceLimits | None = None, *,
     @app.get("/health", response_model=HealthResponse, summary="liveness and what is served")
     async def health() -> HealthResponse:
         model = recommender.config.model
+        shared = recommender.shared_store
         return HealthResponse(status="ok", items=len(recommender), item_tower=model.item_tower,
                               modality=model.modality, fusion=model.fusion, dim=recommender.catalogue.dim,
-                              can_add_items=recommender.can_add_items and add_items, index=recommender.index)
+                              can_add_items=recommender.can_add_items and add_items, index=recommender.index,
+                              worker=os.getpid(), store_version=shared.version if shared is not None else None)
 
     @app.get("/metrics", summary="request counts and latency percentiles per route")
     async def get_metrics() -> dict:

@@ -77,6 +77,9 @@ class HealthResponse(BaseModel):
     can_add_items: bool
     index: Literal["exact", "hnsw", "ivf"] = Field(description="how top-K is searched: exact, or faiss candidates "
                                                              "re-ranked exactly")
+    worker: int = Field(description="the process id of the worker that answered (pmmrec serve --workers N)")
+    store_version: int | None = Field(None, description="the version of the shared vector store this worker is in "
+                                                        "step with (several workers), else null")
 
 
 class ErrorResponse(BaseModel):

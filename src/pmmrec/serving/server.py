@@ -1,4 +1,10 @@
-"""``pmmrec serve``: load a checkpoint and run the service under uvicorn (127.0.0.1 unless told otherwise)."""
+"""``pmmrec serve``: load a checkpoint and run the service under uvicorn (127.0.0.1 unless told otherwise).
+
+With ``--workers N > 1`` the N processes share one catalogue (docs/design.md §8): the vector store is brought in
+step with the domain once, in a child process, before uvicorn starts them; each worker then memory-maps the store,
+follows it (:meth:`~pmmrec.inference.Recommender.follow`) and adds items through it, so an item posted to any
+worker is served by all of them.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +30,16 @@ def _check_server_deps() -> None:
 
 def build_app(checkpoint: str, domain: str | None = None, threads: int | None = None, persist_items: bool = False,
               workers: int = 1, unknown_items: str = "skip", compare: str | None = None, store: str | None = "auto",
-              embeddings: str | None = None, index: str = "auto", index_options: dict | None = None):
+              embeddings: str | None = None, index: str = "auto", index_options: dict | None = None,
+              shared: bool = False):
     """The app for one process: load the checkpoint and the catalogue's vectors, wrap them in :func:`create_app`.
 
     ``compare`` is a second checkpoint for the explorer page, over the same catalogue domain. ``store`` and
     ``embeddings``: where the item vectors come from (``Recommender.from_checkpoint``). ``index`` and
     ``index_options`` (fields of :class:`~pmmrec.inference.ann.IndexSettings`): exact or approximate top-K, for
-    both models.
+    both models. ``shared``: this process is one of ``workers`` sharing the store (``Recommender.from_checkpoint
+    (shared=True)``); it follows the store while it serves. Several workers without a shared store refuse
+    ``POST /items`` (each would add to its own catalogue).
     """
     import torch
 
@@ -46,21 +55,28 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     # Loading encodes the catalogue (and builds an approximate index) with all of torch's threads. Serving then
     # scores batches side by side.
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items, store=store,
-                                              embeddings=embeddings, index=index, index_settings=settings)
+                                              embeddings=embeddings, index=index, index_settings=settings,
+                                              shared=shared)
     other = None
     if compare is not None:
         other = Recommender.from_checkpoint(compare, recommender.domain, unknown_items=unknown_items,
                                             store=None if store is None else "auto", index=index,
-                                            index_settings=settings)
+                                            index_settings=settings, shared=shared and store is not None)
     threads = threads or 1
     torch.set_num_threads(threads)
     refusal = None
-    if workers > 1:
-        refusal = (f"this server runs {workers} worker processes, each with its own copy of the catalogue, which "
-                   "additions would make diverge; run `pmmrec serve --workers 1` to add items")
+    if workers > 1 and recommender.shared_store is None and recommender.can_add_items:
+        refusal = (f"this server runs {workers} worker processes without a shared vector store (--no-store, or a "
+                   "store that cannot be written), so each holds its own catalogue, which additions would make "
+                   "diverge; serve with a writable store (the default, or --store DIR), or with --workers 1, to add "
+                   "items")
     names = (model_name(checkpoint),) + ((model_name(compare),) if compare is not None else ())
-    app = create_app(recommender, persist_items=persist_items, add_items=workers == 1, add_items_refusal=refusal,
+    app = create_app(recommender, persist_items=persist_items, add_items=refusal is None, add_items_refusal=refusal,
                      compare=other, names=names, batch_concurrency=batch_concurrency(threads, workers))
+    for model in (recommender, other):
+        if model is not None and model.shared_store is not None:
+            model.follow()  # picks up the other workers' items (a stat of store.json every 0.25 s)
+            app.router.add_event_handler("shutdown", model.close)
     freeze_heap()
     return app
 
@@ -78,6 +94,30 @@ def freeze_heap() -> None:
     reference counting; only cycles among them are never collected."""
     gc.collect()
     gc.freeze()
+
+
+def _sync_stores(checkpoint: str, domain: str | None, store: str | None, compare: str | None) -> None:
+    """(A child process.) Bring the stores of ``checkpoint`` and ``compare`` in step with the catalogue."""
+    from pmmrec.inference.recommender import sync_store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        sync_store(checkpoint, domain, store=store)
+        if compare is not None:
+            sync_store(compare, domain, store="auto")
+    except PmmrecError as e:  # as a plain PmmrecError: it comes back to the parent pickled
+        raise PmmrecError(str(e)) from None
+
+
+def _sync_in_child(checkpoint: str, domain: str | None, store: str | None, compare: str | None) -> None:
+    """Run :func:`_sync_stores` once, before the workers start, in a child process, so that the process uvicorn
+    keeps as the workers' supervisor holds neither the model nor the vectors. Its errors are raised here."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_sync_stores, checkpoint, domain, store, compare).result()
 
 
 def app_from_env():
@@ -108,7 +148,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
         raise PmmrecError(f"--port must be in 0..65535, got {port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service has no authentication; anyone who can reach this address can "
-                    "use it%s", host, " and add items" if workers == 1 else "")
+                    "use it and add items", host)
     options = {"checkpoint": checkpoint, "domain": domain, "threads": threads, "persist_items": persist_items,
                "workers": workers, "unknown_items": unknown_items, "compare": compare, "store": store,
                "embeddings": embeddings, "index": index, "index_options": index_options}
@@ -119,9 +159,14 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     # Several processes: uvicorn imports the app in each of them. Check the checkpoint once here first.
     from pmmrec.models.loading import read_checkpoint
 
-    read_checkpoint(checkpoint)
+    config = read_checkpoint(checkpoint).config
     if compare is not None:
         read_checkpoint(compare)
+    if store is not None or embeddings is not None:
+        if embeddings is None:
+            folder = domain if domain is not None else config.data.domain
+            _sync_in_child(checkpoint, folder, store, compare)
+        options["shared"] = True
     os.environ[_ENV] = json.dumps(options)
     uvicorn.run("pmmrec.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)

@@ -193,3 +193,24 @@ def test_rank_counting_over_wide_ragged_chunks(ties):
             want = dense_ranks(user_vecs, item_vecs, targets, histories, exclude, ties)
             assert torch.equal(got[protocol], want), (protocol, user_chunk, item_chunk)
     assert int(got["include_history"].max()) > 1000
+
+
+def test_item_blocks_read_like_one_padded_matrix():
+    from pmmrec.evaluation.ranking import ItemBlocks
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(11, 4, generator=gen)
+    dense[0] = 0
+    blocks = ItemBlocks([dense[1:4], dense[4:5], dense[5:11]])
+    assert blocks.count == 10 and blocks.num_rows == 11 and blocks.starts == [1, 4, 5]
+    torch.testing.assert_close(blocks.dense(), dense, rtol=0, atol=0)
+    numbers = torch.tensor([[0, 1, 3, 4], [5, 10, 0, 2]])
+    torch.testing.assert_close(blocks.gather(numbers), dense[numbers], rtol=0, atol=0)
+    torch.testing.assert_close(blocks.rows(3, 7), dense[3:7], rtol=0, atol=0)
+    assert [(first, len(chunk)) for first, chunk in blocks.chunks(4)] == [(1, 3), (4, 1), (5, 4), (9, 2)]
+    users = torch.randn(3, 4, generator=gen)
+    exclude = [[2, 5], [], [10]]
+    for k in (1, 4, 10):
+        want = topk_items(users, dense, k, exclude, item_chunk=3)
+        got = topk_items(users, blocks, k, exclude, item_chunk=3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -11,6 +11,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from tests.unit.inference.test_shared_store import _mapped_file
 
 from pmmrec import NewItem, Recommender
 from pmmrec.config import load_config
@@ -19,7 +20,9 @@ from pmmrec.data.image_db import ImageDB
 from pmmrec.data.item_features import ImageTable
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import catalogue_vectors, start_cache
+from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.catalogue_vectors import default_store_path
+from pmmrec.inference.recommender import sync_store
 from pmmrec.inference.start import DeferredModel
 from pmmrec.inference.start_cache import CACHE, IMAGE_DIGESTS, StartCache, file_identity
 from pmmrec.inference.vector_store import StoreKey, VectorStore
@@ -298,3 +301,43 @@ def test_a_changed_users_file_is_validated_again_and_decides_no_vector(checkpoin
         f.write("later_user\tno_such_item\n")
     with pytest.raises(PmmrecError, match="no_such_item"):
         Recommender.from_checkpoint(checkpoint, domain)
+
+
+def test_workers_sharing_the_store_start_quickly_and_add_items_through_it(checkpoint, domain, counted):
+    """serve --workers N: the sync before the workers is a start (quick when recorded), and each worker maps the
+    store with a deferred item encoder, also once other workers appended items (the manifest changed); the next
+    start of the server takes the full path once, which drops the items not persisted, as before."""
+    first = Recommender.from_checkpoint(checkpoint, domain)
+    store = default_store_path(checkpoint, domain)
+    _reset(counted)
+    assert sync_store(checkpoint, domain) == store  # recorded: the quick path, nothing hashed or encoded
+    assert counted == {"encoded": 0, "image_digests": 0, "weights": 0}
+    a = Recommender.from_checkpoint(checkpoint, domain, shared=True)
+    b = Recommender.from_checkpoint(checkpoint, domain, shared=True)
+    for worker in (a, b):
+        assert isinstance(worker.model, DeferredModel) and not worker.model.loaded
+        assert worker.shared_store is not None
+        assert _mapped_file(worker.catalogue.snapshot().items.blocks[0]) == str(store / "000001.vectors.npy")
+    assert counted == {"encoded": 0, "image_digests": 0, "weights": 0}
+    assert torch.equal(_vectors(a), _vectors(first))
+    ids = read_domain(domain).item_ids
+    history = ids[3:3 + HISTORY_LEN]
+    assert a.recommend(history, k=10) == first.recommend(history, k=10)
+    new = NewItem("fresh1", title="a ship on a calm sea", image=_image(domain, ids[7]))
+    expected = first.encode_items([new])
+    assert a.add_items([new]) == ["fresh1"] and a.model.loaded and not b.model.loaded
+    with pytest.raises(DuplicateItemsError):
+        b.add_items([new])  # b had not looked yet: encoded (its item encoder built), then refused under the lock
+    assert b.model.loaded and b.item("fresh1").added and b.refresh() == 0  # picked up while adding
+    torch.testing.assert_close(_vectors(b)[b.item("fresh1").number], expected[0])
+    # A worker started after the append (uvicorn replaced one) still starts quickly, with the added item.
+    _reset(counted)
+    c = Recommender.from_checkpoint(checkpoint, domain, shared=True)
+    assert isinstance(c.model, DeferredModel) and "fresh1" in c and counted["weights"] == 0
+    # The next server start: the manifest changed, so the full path, which syncs the store with the domain.
+    _reset(counted)
+    assert sync_store(checkpoint, domain) == store
+    assert counted["weights"] == 0 and counted["image_digests"] == 0 and counted["encoded"] == 0
+    assert VectorStore(store).read().ids == ids  # the item added without persisting is dropped
+    again = Recommender.from_checkpoint(checkpoint, domain, shared=True)
+    assert isinstance(again.model, DeferredModel) and "fresh1" not in again

@@ -212,3 +212,21 @@ def test_export_embeddings_with_a_faiss_index(checkpoint, rec, tmp_path):
     assert index.ntotal == len(rec) and found[:, 0].tolist() == (vectors[:3] @ vectors.T).argmax(1).tolist()
     with pytest.raises(PmmrecError, match=r"writes a vector store, a folder"):
         export_store(checkpoint, tmp_path / "items.npy")
+
+
+def test_an_exported_hnsw_index_is_built_as_the_service_builds_it():
+    faiss = pytest.importorskip("faiss")
+    from pmmrec.inference.ann import IndexSettings
+    from pmmrec.inference.export import build_faiss_index
+
+    vectors = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    index = build_faiss_index(vectors, "hnsw")
+    defaults = IndexSettings()
+    assert index.ntotal == 50 and index.hnsw.efConstruction == defaults.hnsw_ef_construction
+    assert index.hnsw.efSearch == defaults.hnsw_ef_search
+    def bottom_neighbours(index) -> int:  # M: the bottom layer holds 2 M neighbours a node
+        return int(faiss.vector_to_array(index.hnsw.cum_nneighbor_per_level)[1])
+
+    assert bottom_neighbours(index) == 2 * defaults.hnsw_m
+    index = build_faiss_index(vectors, "hnsw", IndexSettings(hnsw_m=8, hnsw_ef_search=20))
+    assert bottom_neighbours(index) == 16 and index.hnsw.efSearch == 20

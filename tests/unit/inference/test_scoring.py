@@ -106,7 +106,7 @@ def test_recommender_uses_the_shortlist_on_large_catalogues_with_the_same_answer
                  None) for length in torch.randint(1, 40, (30,), generator=gen)]
     rec.shortlist = True
     fast = rec.recommend_batch(requests)
-    assert rec._scorer is not None and rec._scorer[2].fallbacks < len(requests)
+    assert rec._scorer is not None and rec._scorer[1].fallbacks < len(requests)
     rec.shortlist = False
     exact = rec.recommend_batch(requests)
     assert [[r.item_id for r in a.items] for a in fast] == [[r.item_id for r in b.items] for b in exact]
@@ -122,7 +122,7 @@ def test_recommender_drops_a_shortlist_that_does_not_pay(monkeypatch):
     rec.shortlist = True
     requests = [([f"i{n}"], 5, True, None) for n in range(1, 301)]
     first = rec.recommend_batch(requests)  # answered (by the float32 fallback), and counted
-    assert rec._scorer[2].fallbacks == 300 and rec.shortlist is True
+    assert rec._scorer[1].fallbacks == 300 and rec.shortlist is True
     second = rec.recommend_batch(requests[:3])
     assert rec.shortlist is False and rec._scorer is None  # float32 from now on
     assert [r.item_id for r in first[0].items] == [r.item_id for r in second[0].items]

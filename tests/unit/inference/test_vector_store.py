@@ -157,3 +157,46 @@ def test_key_differences_name_both_values():
     assert "dimension 4 in the store, 8 for the model" in text
     assert "a" * 16 in text and "b" * 16 in text and "inputs.max_tokens 16 in the store, 32" in text
     assert KEY.differences(StoreKey.from_dict(KEY.to_dict())) == []
+
+
+def test_appended_content_is_kept_and_merged_with_its_segments(tmp_path, monkeypatch):
+    monkeypatch.setattr(vs, "MAX_SEGMENTS", 3)
+    store = VectorStore(tmp_path / "s")
+    store.write(KEY, *_items(4))
+    for k in range(4):  # the 4th append merges the segments after the first, content files included
+        ids, digests, vectors = _items(1, start=10 + k, seed=k)
+        image = None if k % 2 else bytes([k, 0, 255])
+        store.append(KEY, ids, digests, vectors, content=[(f"title {k}", image)])
+    manifest = store.manifest()
+    assert [s["rows"] for s in manifest["segments"]] == [4, 3, 1]  # base, merged (3 items), the last one
+    content = {}
+    for segment in manifest["segments"]:
+        content.update(store.read_content(segment))
+    assert content == {f"i{10 + k}": (f"title {k}", None if k % 2 else bytes([k, 0, 255])) for k in range(4)}
+    assert store.read().ids == [f"i{k}" for k in range(4)] + [f"i{10 + k}" for k in range(4)]
+    # Content files are the store's own: a rewrite removes the stale ones, and the folder stays writable.
+    store.check_writable()
+    store.write(KEY, *_items(2))
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".items.jsonl")]
+
+
+def test_a_damaged_content_file_is_detected(tmp_path):
+    store = VectorStore(tmp_path / "s")
+    store.write(KEY, *_items(2))
+    store.append(KEY, *_items(1, start=5), content=[("t", b"\x89PNG")])
+    segment = store.manifest()["segments"][1]
+    path = tmp_path / "s" / segment["files"]["items"]["name"]
+    path.write_bytes(path.read_bytes().replace(b'"t"', b'"x"'))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.read_content(segment)
+
+
+def test_the_stamp_changes_with_every_commit(tmp_path):
+    store = VectorStore(tmp_path / "s")
+    assert store.stamp() is None
+    store.write(KEY, *_items(2))
+    seen = {store.stamp()}
+    for k in range(5):
+        store.append(KEY, *_items(1, start=10 + k, seed=k))
+        seen.add(store.stamp())
+    assert len(seen) == 6

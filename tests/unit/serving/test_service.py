@@ -243,10 +243,10 @@ def test_id_tower_and_refusing_servers_answer_409(quick_world, tmp_path, recomme
                                                                                           "title": "t"}]})
         assert c.get("/health").json()["can_add_items"] is False
         assert c.post("/recommend", json={"history": id_rec.catalogue.snapshot().ids[:2]}).status_code == 200
-    app = create_app(recommender, add_items=False, add_items_refusal="several workers")
+    app = create_app(recommender, add_items=False, add_items_refusal="no shared vector store")
     with running(app) as url, httpx.Client(base_url=url) as c:
         assert _error(c, "POST", "/items", 409, json={"items": [{"item_id": "n", "title": "t"}]}) == \
-            "several workers"
+            "no shared vector store"
 
 
 def test_decoded_image_size_is_checked_too():
