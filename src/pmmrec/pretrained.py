@@ -12,6 +12,7 @@ from pathlib import Path
 from pmmrec.errors import PmmrecError
 
 TEXT_BUILTINS = ("minilm", "tiny")
+VISION_BUILTINS = ("efficientnet-lite0", "tiny")
 
 
 def minilm_path() -> Path:

@@ -50,8 +50,9 @@ IMAGE_SIZE = 256  # side of the generated pictures (the encoder's preprocessing 
 BATCH_SIZE = 256  # Recommender.from_checkpoint's default
 
 
-def write_catalogue(root: Path, num_items: int, seed: int = 0) -> Path:
-    """A domain folder of ``num_items`` generated items (and one user, which a domain needs)."""
+def write_catalogue(root: Path, num_items: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    """A domain folder of ``num_items`` generated items (and one user, which a domain needs), with pictures of
+    ``image_size`` x ``image_size`` pixels."""
     rng = np.random.default_rng(seed)
     categories, styles = list(CATEGORIES), list(STYLES.values())
     profile = PROFILES["toys"]
@@ -68,7 +69,7 @@ def write_catalogue(root: Path, num_items: int, seed: int = 0) -> Path:
     def images():
         for i, (kind, look) in enumerate(zip(kinds, looks, strict=True)):
             data, _ = draw_image(np.random.default_rng([seed, i]), int(kind), len(categories), styles[look], profile,
-                                 IMAGE_SIZE, 0.75, 8.0, 0.5)
+                                 image_size, 0.75, 8.0, 0.5)
             yield ids[i], data
 
     write_image_db(root / IMAGES_DB, images())

@@ -9,7 +9,7 @@ from pathlib import Path
 from pmmrec.cli.common import _command
 from pmmrec.errors import NotImplementedYet
 
-BENCHMARKS = ("train", "eval", "serve", "epoch", "encode", "recall")
+BENCHMARKS = ("train", "eval", "serve", "epoch", "encode", "recall", "start")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -59,26 +59,35 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> None:
 
 def _add_bench_command(sub) -> None:
     """``pmmrec bench WHAT``: each benchmark is a module ``pmmrec.bench.<what>`` (:func:`cmd_bench`)."""
-    p = _command(sub, "bench", "benchmarks written as JSON (train / eval / serve / epoch / encode / recall)",
+    p = _command(sub, "bench", "benchmarks written as JSON (train / eval / serve / epoch / encode / recall / start)",
                  "pmmrec bench train --out bench.json --quick", cmd_bench)
     p.add_argument("what", choices=BENCHMARKS, help="train: naive vs optimised training step; eval: full ranking "
                    "vs a raw matmul+top-K floor; serve: HTTP latency under concurrent load; epoch: one epoch of a "
                    "real domain (--domain) with the real-data recipe; encode: catalogue encoding throughput "
                    "(items/s) of the default encoders, and a restart from the vector store; recall: recall@10 of "
-                   "the approximate indexes (hnsw, ivf) against exact search")
+                   "the approximate indexes (hnsw, ivf) against exact search; start: `pmmrec serve`'s time to the first "
+                   "answer, cold (no vector store) and restarting with the vectors stored")
     p.add_argument("--domain", help="epoch: the prepared domain to train on (e.g. data/ml1m)")
     p.add_argument("--variant", nargs="+", choices=["sasrec", "multimodal"],
                    help="epoch: which models (default: both)")
     p.add_argument("-c", "--config", help="epoch: the recipe (default: configs/real-cpu.yaml of this checkout)")
     p.add_argument("--out", help="JSON file for the results (default: bench-WHAT.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, done in seconds (for tests)")
-    p.add_argument("--items", type=int, help="serve, recall: catalogue size (default 100000; --quick 5000)")
+    p.add_argument("--items", type=int, help="serve, recall, start: catalogue size (default 100000; --quick 5000, "
+                   "start 120)")
     p.add_argument("--index", choices=["auto", "exact", "hnsw", "ivf"],
                    help="serve: how the server searches, as `pmmrec serve --index` (default auto); recall: the "
                         "index to measure (default hnsw and ivf)")
     p.add_argument("--catalogue", choices=["random", "clustered"],
                    help="serve, recall: synthetic item vectors, random (default for serve) or clustered (nearer to "
                         "trained ones); recall: default both")
+    p.add_argument("--cold-items", type=int, metavar="N",
+                   help="start: measure the cold start on N items and extrapolate it to --items (default 1000; "
+                        "equal to --items: measured directly)")
+    p.add_argument("--restarts", type=int, metavar="N", help="start: restarts timed (default 3)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="start: side of the generated pictures (default 64)")
+    p.add_argument("--work", metavar="DIR", help="start: keep the generated catalogues and checkpoint in DIR and "
+                   "reuse them next time (default: a temporary folder)")
     p.add_argument("--workers", type=int,
                    help="serve: worker processes sharing one vector store of the catalogue, as `pmmrec serve "
                         "--workers N` (default 1); the JSON reports each one's memory")

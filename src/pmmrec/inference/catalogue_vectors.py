@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from pmmrec.data.item_features import (
     tokenizer_fingerprint,
 )
 from pmmrec.errors import PmmrecError
+from pmmrec.inference.start_cache import StartCache, open_cache
 from pmmrec.inference.vector_store import DIGEST_BYTES, StoredVectors, StoreError, StoreKey, VectorStore
 from pmmrec.models.features import build_feature_store
 from pmmrec.models.item_encoder import ItemEncoder
@@ -52,6 +52,7 @@ from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
 from pmmrec.runtime import distributed
 from pmmrec.runtime.feature_files import tensors_fingerprint
+from pmmrec.utils.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,14 @@ def default_store_path(checkpoint: str | os.PathLike, domain: str | os.PathLike)
     return checkpoint.with_name(checkpoint.stem + ".vectors") / f"{domain.resolve().name}-{tag}"
 
 
-def model_key(model: PMMRec, config: Config, trained_ids: Sequence[str]) -> StoreKey:
-    """The key of the vectors ``model`` makes: its item encoder's weights, dimension, tower and preprocessing."""
+def model_key(model: PMMRec, config: Config, trained_ids: Sequence[str], cache: StartCache | None = None,
+              checkpoint: dict | None = None, overrides: Sequence[str] = ()) -> StoreKey:
+    """The key of the vectors ``model`` makes: its item encoder's weights, dimension, tower and preprocessing.
+
+    With a start-up ``cache``, the identity of the ``checkpoint`` file the model was loaded from (taken before it
+    was read: :func:`~pmmrec.inference.start_cache.file_identity`) and the ``overrides`` it was loaded with, the
+    weights digest recorded for that unchanged file is taken instead of hashing every tensor again
+    (:mod:`pmmrec.inference.start_cache`)."""
     encoder = model.item_encoder
     inputs: dict = {}
     if encoder.uses_text:
@@ -83,7 +90,12 @@ def model_key(model: PMMRec, config: Config, trained_ids: Sequence[str]) -> Stor
     if encoder.tower != "content":  # an item's ID row comes from the ids the model was trained on
         inputs["trained_ids"] = hashlib.blake2b("\n".join(trained_ids).encode("utf-8", "surrogatepass"),
                                                 digest_size=16).hexdigest()
-    return StoreKey(weights=tensors_fingerprint(encoder.state_dict().items()), dim=encoder.dim,
+    def weights() -> str:
+        return tensors_fingerprint(encoder.state_dict().items())
+
+    digest = cache.weights_digest(checkpoint, overrides, weights) if cache is not None and checkpoint is not None \
+        else weights()
+    return StoreKey(weights=digest, dim=encoder.dim,
                     model={"tower": encoder.tower, "modality": encoder.modality,
                            "fusion": config.model.fusion if encoder.fusion is not None else None},
                     inputs=inputs)
@@ -118,15 +130,22 @@ def _digest(encoder: ItemEncoder, item_id: str, title: str | None, image: bytes 
     return h.digest()
 
 
-def item_digests(encoder: ItemEncoder, items: CatalogueItems) -> np.ndarray:
-    """(N, DIGEST_BYTES) uint8 content digest of each catalogue item (reads every image's bytes, decodes none)."""
+def item_digests(encoder: ItemEncoder, items: CatalogueItems, cache: StartCache | None = None) -> np.ndarray:
+    """(N, DIGEST_BYTES) uint8 content digest of each catalogue item (reads every image's bytes, decodes none).
+
+    With a start-up ``cache``, the image digests recorded for unchanged image databases are taken instead of
+    reading every image again (:mod:`pmmrec.inference.start_cache`)."""
     images = None
     if encoder.uses_vision:
-        table = ImageTable(items.image_refs, encoder.vision.preprocessor(), items.missing_image, cache_items=0)
-        try:
-            images = table.content_digests()[0]  # (N+1, DIGEST_BYTES), row 0 = padding
-        finally:
-            table.close()
+        def compute() -> np.ndarray:
+            table = ImageTable(items.image_refs, encoder.vision.preprocessor(), items.missing_image, cache_items=0)
+            try:
+                return table.content_digests()[0]  # (N+1, DIGEST_BYTES), row 0 = padding
+            finally:
+                table.close()
+
+        images = cache.image_digests(items.image_refs, items.missing_image, compute) if cache is not None \
+            else compute()
     out = np.zeros((len(items.ids), DIGEST_BYTES), dtype=np.uint8)
     for i, item_id in enumerate(items.ids):
         row = int(items.id_rows[i + 1]) if items.id_rows is not None else i + 1
@@ -222,22 +241,24 @@ def sync_catalogue(model: PMMRec, config: Config, items: CatalogueItems, key: St
     """The catalogue's vectors, reusing ``store`` (None: encode everything, store nothing); see the module
     docstring. Under torchrun every rank must call it; rank 0 alone reads and writes the store."""
     with _locked(store) if store is not None and distributed.is_main() else contextlib.nullcontext():
-        started = time.perf_counter()
+        clock = PhaseClock()
         digests = stored = missing = None
         if distributed.is_main():
-            digests, stored, missing = _plan(model.item_encoder, items, key, store)
+            digests, stored, missing = _plan(model.item_encoder, items, key, store, clock)
         if distributed.world_size() > 1:  # rank 0's plan: which items to encode (the store stays with rank 0)
             missing = distributed.all_gather_objects(missing)[0]
         encoded = torch.zeros(0, key.dim)
         if len(missing):
             encoded = _encode_missing(model, config, items, missing, device, batch_size, progress)
+        clock.lap("encode")
         result = None
         if distributed.is_main():
             result = _assemble(items, key, store, digests, stored, missing, encoded, info)
-            seconds = time.perf_counter() - started
+            clock.lap("assemble and write")
+            seconds = clock.total()
             rate = f", {len(missing) / seconds:.0f} items/s" if len(missing) else ""
-            log.info("catalogue vectors: %d reused, %d encoded in %.1fs%s; store %s: %s", result.reused,
-                     result.encoded, seconds, rate, store.path if store is not None else "none", result.wrote)
+            log.info("catalogue vectors: %d reused, %d encoded in %.3fs%s; store %s: %s (%s)", result.reused,
+                     result.encoded, seconds, rate, store.path if store is not None else "none", result.wrote, clock)
     distributed.barrier()
     return result if result is not None else SyncResult(None, 0, len(missing), "nothing")
 
@@ -261,10 +282,12 @@ def _encode_missing(model: PMMRec, config: Config, items: CatalogueItems, missin
         features.close()  # read-only LMDB handles: persisting items later opens the database for writing
 
 
-def _plan(encoder: ItemEncoder, items: CatalogueItems, key: StoreKey, store: VectorStore | None):
+def _plan(encoder: ItemEncoder, items: CatalogueItems, key: StoreKey, store: VectorStore | None, clock: PhaseClock):
     """(digests, the usable stored vectors or None, the item numbers to encode)."""
-    digests = item_digests(encoder, items)
+    digests = item_digests(encoder, items, open_cache(store))
+    clock.lap("digests")
     stored = _usable(store, key) if store is not None else None
+    clock.lap("store read")
     if stored is None or not stored.ids:
         return digests, stored, np.arange(1, len(items.ids) + 1, dtype=np.int64)
     if stored.ids == items.ids:  # the usual restart: row for row

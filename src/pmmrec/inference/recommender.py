@@ -40,21 +40,22 @@ from pmmrec.evaluation.ranking import ItemBlocks, topk_items
 from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
-    CatalogueItems,
     CatalogueStore,
     default_store_path,
     load_exported,
     model_key,
     new_item_digests,
-    sync_catalogue,
 )
 from pmmrec.inference.persist import persist_items
 from pmmrec.inference.scoring import ShortlistScorer, bf16_pays
 from pmmrec.inference.shared_store import POLL_INTERVAL, Attached, SharedStore, StoreDiverged
-from pmmrec.inference.vector_store import StoreError, StoreKey, VectorStore
-from pmmrec.models.loading import LoadedModel, id_rows, load_model
+from pmmrec.inference.start import DeferredModel, start_catalogue
+from pmmrec.inference.start_cache import file_identity
+from pmmrec.inference.vector_store import StoreError, VectorStore
+from pmmrec.models.loading import LoadedModel, build_model, read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.pretrained import tokenizer_dir
+from pmmrec.utils.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 SHORTLIST_MIN_ITEMS = 20_000  # smaller catalogues are scored in float32 directly: a few ms either way
@@ -106,11 +107,13 @@ class RecommendResult:
 class Recommender:
     """A trained model plus an item catalogue; thread-safe (many recommending threads, items added at any time)."""
 
-    def __init__(self, model: PMMRec, config: Config, catalogue: Catalogue, *, domain: Path | None = None,
-                 device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
+    def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *,
+                 domain: Path | None = None, device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                  shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
                  index_settings: IndexSettings | None = None, shared: SharedStore | None = None):
-        """``shortlist``: score large catalogues with a certified bfloat16 first pass
+        """``model``: a :class:`~pmmrec.models.pmmrec.PMMRec`, or the :class:`~pmmrec.inference.start.DeferredModel`
+        of a quick start (the user encoder now, the item encoder when an item is first encoded).
+        ``shortlist``: score large catalogues with a certified bfloat16 first pass
         (:mod:`pmmrec.inference.scoring`; same answers); default: on a CPU where it is measured faster.
         ``store``: the vector store that :meth:`add_items` appends new items to (see :meth:`from_checkpoint`).
         ``shared``: the store is shared with other processes (:mod:`pmmrec.inference.shared_store`; the catalogue
@@ -133,10 +136,11 @@ class Recommender:
         self.device = torch.device(device)
         self.unknown_items = unknown_items
         self.max_seq_len = config.data.max_seq_len
-        encoder = model.item_encoder
-        self.can_add_items = encoder.tower != "id"  # content+id: a new item is its content vector alone
-        self._tokenizer = tokenizer_dir(config.text.encoder) if encoder.uses_text else None
-        self._preprocessor = encoder.vision.preprocessor() if encoder.uses_vision else None
+        # From the config, not the item encoder, which a quick start builds only when an item is first encoded.
+        tower, modality = config.model.item_tower, config.model.modality
+        self.can_add_items = tower != "id"  # content+id: a new item is its content vector alone
+        self._tokenizer = tokenizer_dir(config.text.encoder) if tower != "id" and modality != "vision" else None
+        self._preprocessor = None  # the item encoder's image preprocessing, once an item is first encoded
         self._add_lock = threading.Lock()  # one add_items at a time (encoding, id checks, persisting)
         self._shared = shared
         self._sync_lock = threading.Lock()  # the shared store's view and the catalogue change together
@@ -167,7 +171,9 @@ class Recommender:
         A content model's item vectors come from a vector store (docs/design.md §8): ``store="auto"`` keeps it
         beside the checkpoint (:func:`~pmmrec.inference.catalogue_vectors.default_store_path`), a folder puts it
         there, None encodes the whole catalogue and stores nothing. Only items that are new or changed since the
-        store was written are encoded; a store of another model or damaged is rebuilt. ``embeddings`` serves the
+        store was written are encoded; a store of another model or damaged is rebuilt. When nothing changed since
+        the last start (the checkpoint file, the domain's files, the store), the start reads the store and builds
+        the item encoder only when an item is first encoded (:mod:`pmmrec.inference.start`). ``embeddings`` serves the
         store in that folder (``pmmrec export-embeddings``) as the catalogue, as is; it must come from this
         checkpoint's item encoder. Titles and images (for display) then come from ``domain`` when there is one.
         ``index`` and ``index_settings``: exact or approximate search, as in the constructor.
@@ -179,64 +185,66 @@ class Recommender:
         domain does not list; ``pmmrec serve`` brings the store in step once, before starting its workers,
         :func:`sync_store`), any other is brought in step first. Items are then added through the store, and
         :meth:`refresh` (or :meth:`follow`) picks up the ones other processes add. A store that cannot be written
-        is not shared: a warning, and :attr:`shared_store` is None.
+        is not shared: a warning, and :attr:`shared_store` is None. As on a quick start, when the start-up record
+        holds (its store manifest aside: the other processes' appends change it), the item encoder is built only
+        when an item is first encoded (:mod:`pmmrec.inference.start`).
         """
         if isinstance(overrides, str):
             raise PmmrecError(f"overrides must be a list of key=value strings, e.g. [{overrides!r}]")
         check_index(index)  # before the catalogue is encoded
         device = torch.device(device)
-        loaded = load_model(path, list(overrides), device=device)
-        model, config, trained_ids = loaded.model, loaded.config, loaded.item_ids
+        clock = PhaseClock()  # the phases of a start, logged once it is ready (pmmrec bench start reads them)
+        identity = file_identity(path)  # before reading: a file replaced meanwhile must not pass for this one
+        checkpoint = read_checkpoint(path, list(overrides))
+        clock.lap("checkpoint")
+        config, trained_ids = checkpoint.config, checkpoint.item_ids
         folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
         if embeddings is not None:
             if domain is None and folder is not None and not folder.is_dir():
                 folder = None  # the checkpoint's training domain is not on this machine: no titles, no images
-            return cls._from_embeddings(loaded, Path(embeddings), folder, device, unknown_items, index,
-                                        index_settings, shared)
+            return cls._from_embeddings(build_model(checkpoint, device), Path(embeddings), folder, device,
+                                        unknown_items, index, index_settings, shared)
         id_tower = config.model.item_tower == "id"
         if folder is None and not id_tower:
             raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
                               "(--domain FOLDER)")
         if id_tower:
             # An ID model's vectors are rows of its table: nothing to encode, nothing to store.
+            model = build_model(checkpoint, device).model
             titles = _titles_by_id(folder, trained_ids) if folder is not None else None
             vectors = encode_catalogue(model, None, len(trained_ids), device, batch_size, progress)
             return cls(model, config, Catalogue(trained_ids, vectors.cpu(), titles), domain=folder, device=device,
                        unknown_items=unknown_items, index=index, index_settings=index_settings)
-        catalogue_domain, items, key = _catalogue_inputs(loaded, folder)
         vector_store = None if store is None else VectorStore(default_store_path(path, folder) if store == "auto"
                                                               else store)
-        options = dict(device=device, batch_size=batch_size, progress=progress,
-                       info={"checkpoint": str(path), "domain": str(folder)})
-        synced = None
-        if shared and vector_store is not None:
-            follower = SharedStore(vector_store, key)
-            attached = follower.open(required=catalogue_domain.item_ids)
-            if attached is None:  # none yet, another model's, damaged, or without some domain items
-                synced = sync_catalogue(model, config, items, key, vector_store, **options)
-                if synced.wrote != "failed":
-                    attached = follower.open(required=catalogue_domain.item_ids)
-            if attached is not None:
-                catalogue = _catalogue_from_store(attached, catalogue_domain)
-                log.info("recommender: %d items from the shared vector store %s (version %d), titles and images "
-                         "from %s, model %s/%s, dim %d", len(catalogue), vector_store.path, attached.version, folder,
-                         config.model.modality, config.model.fusion, catalogue.dim)
-                return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
-                           store=CatalogueStore(vector_store, key), index=index, index_settings=index_settings,
-                           shared=follower)
-            log.warning("the vector store %s cannot be shared: this process serves its own copy of the catalogue "
-                        "and does not see items other processes add", vector_store.path)
-        if synced is None:
-            synced = sync_catalogue(model, config, items, key, vector_store, **options)
-        refs = catalogue_domain.image_refs()
-        present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
-        catalogue = Catalogue(catalogue_domain.item_ids, synced.vectors, catalogue_domain.titles, refs, present)
-        log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
-                 config.model.modality, config.model.fusion, catalogue.dim)
-        tracker = CatalogueStore(vector_store, key) if vector_store is not None and synced.wrote != "failed" \
-            else None
-        return cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
-                   store=tracker, index=index, index_settings=index_settings)
+        # The model and the vectors: read back from the store alone when nothing changed since the last start;
+        # shared, the store's memory maps.
+        started = start_catalogue(checkpoint, identity, folder, vector_store, overrides, device, batch_size,
+                                  progress, clock, shared=shared and vector_store is not None)
+        model, catalogue_domain, key = started.model, started.domain, started.key
+        if started.attached is not None:
+            catalogue = _catalogue_from_store(started.attached, catalogue_domain)
+            log.info("recommender: %d items from the shared vector store %s (version %d), titles and images "
+                     "from %s, model %s/%s, dim %d", len(catalogue), vector_store.path, started.attached.version,
+                     folder, config.model.modality, config.model.fusion, catalogue.dim)
+            tracker = CatalogueStore(vector_store, key)
+        else:
+            if shared and vector_store is not None:
+                log.warning("the vector store %s cannot be shared: this process serves its own copy of the "
+                            "catalogue and does not see items other processes add", vector_store.path)
+            refs = catalogue_domain.image_refs()
+            present = image_keys(catalogue_domain.image_db) if catalogue_domain.image_db is not None else set()
+            catalogue = Catalogue(catalogue_domain.item_ids, started.vectors, catalogue_domain.titles, refs, present)
+            log.info("recommender: %d items from %s, model %s/%s, dim %d", len(catalogue), folder,
+                     config.model.modality, config.model.fusion, catalogue.dim)
+            tracker = CatalogueStore(vector_store, key) if vector_store is not None and started.wrote != "failed" \
+                else None
+        clock.lap("catalogue")
+        recommender = cls(model, config, catalogue, domain=folder, device=device, unknown_items=unknown_items,
+                          store=tracker, index=index, index_settings=index_settings, shared=started.shared)
+        clock.lap("index")
+        log.info("recommender: ready in %.3fs (%s)", clock.total(), clock)
+        return recommender
 
     @classmethod
     def _from_embeddings(cls, loaded: LoadedModel, embeddings: Path, folder: Path | None, device: torch.device,
@@ -525,7 +533,10 @@ class Recommender:
             cfg = self.config.text
             table = TokenTable.build(titles, self._tokenizer, cfg.max_tokens, cfg.lowercase)
             inputs.text_ids, inputs.text_mask = table.lookup(np.arange(1, n + 1))
-        if self._preprocessor is not None:
+        encoder = self.model.item_encoder
+        if encoder.uses_vision:
+            if self._preprocessor is None:
+                self._preprocessor = encoder.vision.preprocessor()
             pixels = []
             for iid_image in images:
                 if iid_image is None:
@@ -654,16 +665,6 @@ def _titles_by_id(folder: Path, ids: list[str]) -> list[str | None]:
     return [by_id.get(i) for i in ids]
 
 
-def _catalogue_inputs(loaded: LoadedModel, folder: Path) -> tuple[Domain, CatalogueItems, StoreKey]:
-    """A content model's catalogue domain, what encoding it needs, and the key of the vectors it makes."""
-    config = loaded.config
-    catalogue_domain = read_domain(folder, empty_title=config.data.empty_title,
-                                   missing_image=config.data.missing_image if config.model.uses_images else None)
-    items = CatalogueItems.from_domain(catalogue_domain, id_rows(loaded.item_ids, catalogue_domain.item_ids),
-                                       config.data.missing_image)
-    return catalogue_domain, items, model_key(loaded.model, config, loaded.item_ids)
-
-
 def _catalogue_from_store(attached: Attached, shown: Domain | None) -> Catalogue:
     """A catalogue of a store's items in its order, vectors as its blocks (not copied): titles and images from the
     domain ``shown`` when it lists the item, else from the store (items added at run time)."""
@@ -693,18 +694,21 @@ def sync_store(path: str | os.PathLike, domain: str | os.PathLike | None = None,
                progress: bool = False, overrides: Sequence[str] = ()) -> Path | None:
     """Bring a checkpoint's vector store in step with its catalogue, as :meth:`Recommender.from_checkpoint`
     does, without making a recommender: ``pmmrec serve --workers N`` runs it once, before its workers share
-    the store. Returns the store's folder; None when nothing is stored (the ID tower, ``store=None``) or the
-    store could not be written."""
-    loaded = load_model(path, list(overrides), device=torch.device(device))
-    config = loaded.config
+    the store (a quick start when nothing changed since the last one: the store is only read and checked).
+    Returns the store's folder; None when nothing is stored (the ID tower, ``store=None``) or the store could not
+    be written."""
+    device = torch.device(device)
+    identity = file_identity(path)  # before reading, as from_checkpoint
+    checkpoint = read_checkpoint(path, list(overrides))
+    config = checkpoint.config
     folder = Path(domain) if domain is not None else (Path(config.data.domain) if config.data.domain else None)
     if config.model.item_tower == "id" or store is None:
         return None
     if folder is None:
         raise PmmrecError(f"{path}: the checkpoint names no data.domain; give the catalogue's domain folder "
                           "(--domain FOLDER)")
-    _, items, key = _catalogue_inputs(loaded, folder)
     vector_store = VectorStore(default_store_path(path, folder) if store == "auto" else store)
-    synced = sync_catalogue(loaded.model, config, items, key, vector_store, torch.device(device), batch_size,
-                            progress, info={"checkpoint": str(path), "domain": str(folder)})
-    return None if synced.wrote == "failed" else vector_store.path
+    # As a start does: nothing more than reading the store when nothing changed since the last one.
+    started = start_catalogue(checkpoint, identity, folder, vector_store, overrides, device, batch_size, progress,
+                              PhaseClock())
+    return None if started.wrote == "failed" else vector_store.path

@@ -59,6 +59,7 @@ MANIFEST = "store.json"
 LOCK = ".lock"
 DIGEST_BYTES = 16  # per-item content digests (blake2b-128, as the feature cache's)
 MAX_SEGMENTS = 16  # an append past this many merges the segments after the first (the base stays untouched)
+AUX_PREFIX = "aux."  # files other modules keep in a store's folder (start-up caches): never read as the store
 _PARTS = {"vectors": ".vectors.npy", "ids": ".ids.txt", "digests": ".digests.npy"}
 CONTENT = "items"  # the optional part: titles and images of items added at run time
 _CONTENT_SUFFIX = ".items.jsonl"
@@ -380,6 +381,7 @@ class VectorStore:
             raise StoreError(f"{self.path} is a file; a vector store is a folder")
         foreign = [p.name for p in self.path.iterdir()
                    if p.name not in (MANIFEST, LOCK) and not _SEGMENT_FILE.match(p.name)
+                   and not p.name.startswith(AUX_PREFIX)
                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
         if foreign:
             raise StoreError(f"{self.path} holds files that are not a vector store's ({', '.join(sorted(foreign)[:3])}"

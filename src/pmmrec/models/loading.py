@@ -21,7 +21,7 @@ from pmmrec.errors import PmmrecError
 from pmmrec.models.pmmrec import PMMRec
 from pmmrec.runtime.checkpoint import load_checkpoint
 
-__all__ = ["Checkpoint", "LoadedModel", "id_rows", "load_model", "read_checkpoint"]
+__all__ = ["Checkpoint", "LoadedModel", "build_model", "id_rows", "load_model", "read_checkpoint"]
 
 
 @dataclass
@@ -59,7 +59,11 @@ def load_model(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     The model is sized for the catalogue it was trained on; a content model (no ID embedding) encodes any
     catalogue, an ID model only that one.
     """
-    checkpoint = read_checkpoint(path, overrides)
+    return build_model(read_checkpoint(path, overrides), device)
+
+
+def build_model(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model of a checkpoint already read (:func:`read_checkpoint`), as :func:`load_model` returns it."""
     model = PMMRec(checkpoint.config, len(checkpoint.item_ids))
     model.load_state_dict(checkpoint.state["model"])
     model.to(device).eval()

@@ -10,6 +10,8 @@ history the models see, so a recommendation equal to the held-out item is a hit.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,14 +95,24 @@ def model_name(checkpoint: str | Path) -> str:
 class Explorer:
     """The explorer's queries over ``models`` (the first is the primary one, whose catalogue images come from)."""
 
-    def __init__(self, models: list[ExplorerModel], users: UserBook):
+    def __init__(self, models: list[ExplorerModel], users: UserBook | Callable[[], UserBook]):
+        """``users``: the user book, or what reads it when the page first needs it (``users.tsv`` can be large,
+        and a service's start waits for nothing it does not need to answer)."""
         if not models:
             raise ValueError("the explorer needs at least one model")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise PmmrecError(f"two served models have the same name: {names}")
         self.models = models
-        self.users = users
+        self._users = users
+        self._users_lock = threading.Lock()
+
+    @property
+    def users(self) -> UserBook:
+        with self._users_lock:
+            if not isinstance(self._users, UserBook):
+                self._users = self._users()
+            return self._users
 
     @classmethod
     def build(cls, recommender: Recommender, compare: Recommender | None = None,
@@ -111,8 +123,13 @@ class Explorer:
             raise ValueError(f"{len(recommenders)} model(s) but {len(names)} name(s)")
         if len(set(names)) != len(names):  # two runs' "best.pt": tell them apart
             names = tuple(f"{n} [{tag}]" for n, tag in zip(names, "AB", strict=False))
-        users = UserBook.from_domain(recommender.domain) if recommender.domain is not None else UserBook.empty()
-        log.info("explorer: %d users from %s, model(s) %s", len(users), recommender.domain, ", ".join(names))
+        domain = recommender.domain
+
+        def users() -> UserBook:
+            book = UserBook.from_domain(domain) if domain is not None else UserBook.empty()
+            log.info("explorer: %d users from %s, model(s) %s", len(book), domain, ", ".join(names))
+            return book
+
         return cls([ExplorerModel(n, r) for n, r in zip(names, recommenders, strict=True)], users)
 
     @property

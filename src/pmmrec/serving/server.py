@@ -49,6 +49,9 @@ def build_app(checkpoint: str, domain: str | None = None, threads: int | None = 
     from pmmrec.serving.explorer import model_name
 
     settings = IndexSettings(**(index_options or {}))
+    # What the imports made lives as long as the process: out of the collector's sight now, so that the collections
+    # the loading's millions of small objects set off do not walk it all again (freeze_heap below does the rest).
+    gc.freeze()
     # Loading encodes the catalogue (and builds an approximate index) with all of torch's threads. Serving then
     # scores batches side by side.
     recommender = Recommender.from_checkpoint(checkpoint, domain, unknown_items=unknown_items, store=store,
