@@ -4,17 +4,17 @@ every change that must still be seen (an image, a title, the checkpoint, a damag
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 import torch
+from tests.unit.inference.conftest import copy_checkpoint
 from tests.unit.inference.test_shared_store import _mapped_file
+from tests.unit.serving.test_service import train_tiny
 
 from pmmrec import NewItem, Recommender
-from pmmrec.config import load_config
 from pmmrec.data.domain import read_domain
 from pmmrec.data.image_db import ImageDB
 from pmmrec.data.item_features import ImageTable
@@ -28,31 +28,18 @@ from pmmrec.inference.start_cache import CACHE, IMAGE_DIGESTS, StartCache, file_
 from pmmrec.inference.vector_store import StoreKey, VectorStore
 from pmmrec.models.loading import read_checkpoint
 from pmmrec.models.pmmrec import PMMRec
-from pmmrec.training.api import fit
 
-REPO = Path(__file__).resolve().parents[3]
 HISTORY_LEN = 5
 
 
 @pytest.fixture(scope="module")
 def trained(quick_world, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "a"
-    fit(load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={quick_world / 'target'}", f"run.dir={run}",
-                                                     "train.epochs=1", "train.max_steps=2"]))
-    return run / "checkpoints" / "last.pt"
-
-
-@pytest.fixture
-def domain(quick_world, tmp_path) -> Path:
-    return Path(shutil.copytree(quick_world / "target", tmp_path / "target"))
+    return train_tiny(quick_world / "target", tmp_path_factory.mktemp("runs") / "a", "train.max_steps=2")
 
 
 @pytest.fixture
 def checkpoint(trained, tmp_path) -> Path:
-    path = tmp_path / "ck" / "last.pt"
-    path.parent.mkdir()
-    shutil.copy(trained, path)
-    return path
+    return copy_checkpoint(trained, tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,14 @@
 process adds are picked up by the others; an id is added once, whoever asks (pmmrec.inference.shared_store)."""
 
 import multiprocessing
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tests.unit.serving.test_service import train_tiny
 
 from pmmrec import NewItem, Recommender
-from pmmrec.config import load_config
 from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import vector_store as vs
@@ -19,22 +18,11 @@ from pmmrec.inference.export import export_store
 from pmmrec.inference.recommender import CannotAddItemsError, sync_store
 from pmmrec.inference.shared_store import StoreDiverged
 from pmmrec.inference.vector_store import VectorStore
-from pmmrec.training.api import fit
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(quick_world, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run") / "run"
-    fit(load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={quick_world / 'target'}", f"run.dir={run}",
-                                                     "train.epochs=1", "train.max_steps=1"]))
-    return run / "checkpoints" / "last.pt"
-
-
-@pytest.fixture
-def domain(quick_world, tmp_path) -> Path:
-    return Path(shutil.copytree(quick_world / "target", tmp_path / "target"))
+    return train_tiny(quick_world / "target", tmp_path_factory.mktemp("run") / "run")
 
 
 @pytest.fixture

@@ -2,16 +2,16 @@
 are encoded, another model's or a damaged store is rebuilt, added items are appended (docs/design.md §8)."""
 
 import logging
-import shutil
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 import torch
+from tests.unit.inference.conftest import copy_checkpoint
+from tests.unit.serving.test_service import train_tiny
 
 from pmmrec import NewItem, Recommender
-from pmmrec.config import load_config
 from pmmrec.data.domain import read_domain
 from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
@@ -19,37 +19,19 @@ from pmmrec.inference.catalogue_vectors import default_store_path
 from pmmrec.inference.export import export_store
 from pmmrec.inference.vector_store import StoreKey, VectorStore
 from pmmrec.models.pmmrec import PMMRec
-from pmmrec.training.api import fit
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _train(domain: Path, run: Path, *overrides: str) -> Path:
-    fit(load_config(REPO / "configs" / "tiny.yaml", [f"data.domain={domain}", f"run.dir={run}", "train.epochs=1",
-                                                     "train.max_steps=2", *overrides]))
-    return run / "checkpoints" / "last.pt"
 
 
 @pytest.fixture(scope="module")
 def checkpoints(quick_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    return {"a": _train(quick_world / "target", root / "a"),
-            "b": _train(quick_world / "target", root / "b", "seed=7")}
-
-
-@pytest.fixture
-def domain(quick_world, tmp_path) -> Path:
-    """A copy of the target domain that a test may change."""
-    return Path(shutil.copytree(quick_world / "target", tmp_path / "target"))
+    return {"a": train_tiny(quick_world / "target", root / "a", "train.max_steps=2"),
+            "b": train_tiny(quick_world / "target", root / "b", "train.max_steps=2", "seed=7")}
 
 
 @pytest.fixture
 def checkpoint(checkpoints, tmp_path) -> Path:
     """Checkpoint "a" copied, so that its default store (beside it) is this test's own."""
-    path = tmp_path / "ck" / "last.pt"
-    path.parent.mkdir()
-    shutil.copy(checkpoints["a"], path)
-    return path
+    return copy_checkpoint(checkpoints["a"], tmp_path)
 
 
 @pytest.fixture
@@ -257,7 +239,8 @@ def test_embeddings_of_another_model_are_an_error_naming_both(checkpoints, check
 def test_content_and_id_vectors_keep_their_id_rows(quick_world, domain, tmp_path, encoded):
     """``content+id``: an item's vector includes its trained ID row; re-encoding a changed item alone (from a
     feature store of that item only) must add the right row, as encoding the whole catalogue does."""
-    checkpoint = _train(quick_world / "target", tmp_path / "hybrid", "model.item_tower=content+id", "train.lr=0.05")
+    checkpoint = train_tiny(quick_world / "target", tmp_path / "hybrid", "train.max_steps=2", "model.item_tower=content+id",
+                            "train.lr=0.05")
     Recommender.from_checkpoint(checkpoint, domain)
     ids = read_domain(domain).item_ids
     _set_title(domain, ids[70], "retitled forest owl")
