@@ -8,7 +8,7 @@ Variants: most popular, ID SASRec, PMMRec text-only, vision-only, multimodal, an
 started again; each run's wall time is the sum over its sessions (``wall_seconds`` in the run folder).
 
     python scripts/ml1m_table.py [--data ../shared/datasets/movielens-1m] [--out runs/ml1m] [--seeds 0 1 2]
-                                 [--only sasrec multimodal] [--threads 2]
+                                 [--only sasrec multimodal] [--threads 2] [--jobs 1]
 
 Writes ``OUT/table.md`` and ``OUT/table.json``. Needs the MovieLens-1M files (ratings.csv, movies.csv,
 posters/); they are not part of pmmrec and must never be committed.
@@ -17,11 +17,12 @@ posters/); they are not part of pmmrec and must never be committed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
 
-from studies import REPO, pmmrec, require_movielens, run_folder
+from studies import REPO, pmmrec, require_movielens, run_all, run_folder
 
 from pmmrec.utils.io import atomic_write_text
 
@@ -79,9 +80,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, e.g. --jobs 2 --threads 1 on 2 cores")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     domain = prepare(args.data, args.out, args.threads)
-    rows = {name: [run(name, seed, domain, args.out, args.threads) for seed in args.seeds] for name in args.only}
+    pairs = [(name, seed) for name in args.only for seed in args.seeds]
+    done = run_all([functools.partial(run, name, seed, domain, args.out, args.threads) for name, seed in pairs],
+                   args.jobs)
+    rows: dict[str, list[dict]] = {}
+    for (name, _), result in zip(pairs, done, strict=True):
+        rows.setdefault(name, []).append(result)
     text = table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     intro = (f"MovieLens-1M, leave-one-out, whole histories (data.history: all), all {rows[args.only[0]][0]['num_items']}"

@@ -16,7 +16,7 @@
 Finished runs are reused and unfinished ones resumed, so the script can be stopped and started again.
 
     python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
-        [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2]
+        [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2] [--jobs 1]
         [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...]
 
 Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
@@ -25,12 +25,13 @@ Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studies import REPO, pmmrec, require_movielens, run_folder
+from studies import REPO, pmmrec, require_movielens, run_all, run_folder
 
 from pmmrec.utils.io import atomic_write_text
 
@@ -136,26 +137,32 @@ def main() -> None:
                         help="objective sets to pretrain with, e.g. rec rec,nicl rec,nicl,nid,rcl (the first is "
                         "transferred by part too, the others in full)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (pretraining sets, then target runs); e.g. --jobs 2 --threads 1 on 2 cores")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of every run (default: %(default)s)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. train.epochs=2 (after the study's own)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     for size in args.sizes:
         if size != "all" and not (size.isdigit() and int(size) > 0):
             parser.error(f"--sizes: {size!r} is neither a positive number nor all")
     study = Study(args.out, args.recipe.resolve(), args.threads)
     study.extra.extend(args.set)
     root = prepare(args.data, study)
-    checkpoints = {objectives: pretrain(root, study, objectives) for objectives in args.pretrain}
-    results: dict[tuple[str, str, int], dict] = {}
-    folders = []
+    paths = run_all([functools.partial(pretrain, root, study, objectives) for objectives in args.pretrain], args.jobs)
+    checkpoints = dict(zip(args.pretrain, paths, strict=True))
+    keys, tasks, folders = [], [], []
     for size in args.sizes:
         for seed in (args.seeds if size != "all" else args.seeds[:1]):
             domain = target(root, study, size, seed)
             for name, words in variants(study, checkpoints, args.pretrain[0]).items():
                 folder = args.out / "runs" / f"{size}-s{seed}" / name
-                results[(name, size, seed)] = run(study, words, domain, folder, seed)
+                keys.append((name, size, seed))
+                tasks.append(functools.partial(run, study, words, domain, folder, seed))
                 folders.append(folder)
+    results: dict[tuple[str, str, int], dict] = dict(zip(keys, run_all(tasks, args.jobs), strict=True))
     pmmrec("report", "--curve", "--by", "name", *map(str, folders), "--out", str(args.out / "curve"), threads=args.threads)
     text = gains(results)
     atomic_write_text(args.out / "gains.md", text + "\n")

@@ -33,7 +33,7 @@ def test_the_table_script_prepares_trains_and_writes_the_table(tmp_path):
     data = _movielens_like(tmp_path / "ml")
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "scripts" / "ml1m_table.py"), "--data", str(data), "--out", str(out),
-           "--only", "pop", "--seeds", "0", "1", "--threads", "1"]
+           "--only", "pop", "--seeds", "0", "1", "--threads", "1", "--jobs", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "table.md").read_text()

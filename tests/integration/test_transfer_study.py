@@ -37,7 +37,8 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     data = _movielens_with_genres(tmp_path / "ml")
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "scripts" / "transfer_study.py"), "--data", str(data), "--out", str(out),
-           "--sizes", "4", "all", "--seeds", "0", "--threads", "1", "--recipe", str(REPO / "configs" / "tiny.yaml"),
+           "--sizes", "4", "all", "--seeds", "0", "--threads", "1", "--jobs", "2",
+           "--recipe", str(REPO / "configs" / "tiny.yaml"),
            "--set", "train.epochs=1", "train.max_steps=2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

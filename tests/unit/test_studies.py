@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import studies  # noqa: E402
@@ -35,3 +38,32 @@ def test_wall_seconds_is_written_while_the_run_goes_and_summed_over_sessions(tmp
     monkeypatch.setattr(studies, "pmmrec", finishes)
     out = studies.run_folder(folder, ["train", f"run.dir={folder}"], threads=1)
     assert first <= out["wall_seconds"] < first + 0.3
+
+
+def test_run_all_keeps_the_order_runs_jobs_at_once_and_stops_starting_tasks_after_a_failure():
+    lock, running, peak, started = threading.Lock(), [0], [0], []
+
+    def task(i, seconds=0.05, fail=False):
+        def go():
+            with lock:
+                started.append(i)
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(seconds)
+            with lock:
+                running[0] -= 1
+            if fail:
+                raise RuntimeError(f"task {i} failed")
+            return i * 10
+        return go
+
+    assert studies.run_all([task(i, 0.05 * (5 - i)) for i in range(5)], jobs=2) == [0, 10, 20, 30, 40]
+    assert peak[0] == 2
+    peak[0], started[:] = 0, []
+    assert studies.run_all([task(i) for i in range(3)], jobs=1) == [0, 10, 20] and peak[0] == 1
+    started[:] = []
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        studies.run_all([task(0, 0.05, fail=True)] + [task(i, 0.2) for i in range(1, 8)], jobs=2)
+    assert 0 in started and len(started) < 8  # the tasks not started when it failed were cancelled
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        studies.run_all([task(0)], jobs=0)
