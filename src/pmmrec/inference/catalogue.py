@@ -13,6 +13,7 @@ full a writer copies it into a larger one, and old snapshots keep the old buffer
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,44 @@ class ItemInfo:
     added: bool  # added after loading (cold start), rather than read from the domain folder
 
 
+class ImageRefs:
+    """Where each item's image lives, (LMDB folder, key) or None, held compactly: a catalogue of a million items
+    would otherwise keep a million tuples (~64 bytes each, in every serving process). Each item has one 4-byte
+    number naming its database among the few distinct ones, and its key is kept only where it is not the item's id
+    (an LMDB written by pmmrec keys images by item id)."""
+
+    def __init__(self, ids: Sequence[str], refs: Sequence[tuple[Path | None, str] | None]):
+        self._dbs: list[Path | None] = []
+        self._positions: dict[Path | None, int] = {}
+        self._which = array("i")  # index into _dbs; -1: no reference
+        self._keys: dict[int, str] = {}  # item index -> key, where the key is not the item id
+        for iid, ref in zip(ids, refs, strict=True):
+            self.append(iid, ref)
+
+    def __len__(self) -> int:
+        return len(self._which)
+
+    def append(self, item_id: str, ref: tuple[Path | None, str] | None) -> None:
+        if ref is None:
+            self._which.append(-1)
+            return
+        db, key = ref
+        position = self._positions.get(db)
+        if position is None:
+            position = self._positions[db] = len(self._dbs)
+            self._dbs.append(db)
+        if key != item_id:
+            self._keys[len(self._which)] = key
+        self._which.append(position)
+
+    def get(self, index: int, item_id: str) -> tuple[Path | None, str] | None:
+        """The reference of item ``index`` (0-based), whose id is ``item_id``."""
+        position = self._which[index]
+        if position < 0:
+            return None
+        return self._dbs[position], self._keys.get(index, item_id)
+
+
 class Catalogue:
     """Append-only, thread-safe item catalogue (see the module docstring)."""
 
@@ -92,15 +131,18 @@ class Catalogue:
         self._ids = list(ids)
         self._index = {iid: i + 1 for i, iid in enumerate(self._ids)}
         self._titles: list[str | None] = list(titles) if titles is not None else [None] * n
-        # Where each item's image lives, (LMDB folder, key); items added at run time keep their bytes in memory.
-        self._refs: list[tuple[Path | None, str] | None] = list(image_refs) if image_refs is not None else [None] * n
-        self._added: list[bool] = list(added) if added is not None else [False] * n
-        if not len(self._titles) == len(self._refs) == len(self._added) == n:
+        refs = list(image_refs) if image_refs is not None else [None] * n
+        flags = list(added) if added is not None else [False] * n
+        if not len(self._titles) == len(refs) == len(flags) == n:
             raise ValueError(f"titles, image_refs and added must have one entry per item ({n})")
+        # Where each item's image lives, (LMDB folder, key); items added at run time keep their bytes in memory.
+        self._refs = ImageRefs(self._ids, refs)
+        self._added = bytearray(map(bool, flags))  # one byte an item, not a list slot
         present = images_present or set()
         self._images: dict[int, bytes] = {self._index[iid]: data for iid, data in (images or {}).items()}
-        self._has_image = [(ref is not None and ref[0] is not None and iid in present) or i + 1 in self._images
-                           for i, (iid, ref) in enumerate(zip(self._ids, self._refs, strict=True))]
+        self._has_image = bytearray((ref is not None and ref[0] is not None and iid in present) or i + 1 in self._images
+                                    for i, (iid, ref) in enumerate(zip(self._ids, refs, strict=True)))
+        del refs, flags
         self._lock = threading.Lock()
         self._tail = torch.zeros(64, dim)  # rows of appended items; snapshots view its first rows
         self._tail_count = 0
@@ -143,7 +185,7 @@ class Catalogue:
             for offset, (iid, title, image) in enumerate(zip(ids, titles, images, strict=True)):
                 self._ids.append(iid)
                 self._titles.append(title)
-                self._refs.append(None)
+                self._refs.append(iid, None)
                 self._added.append(True)
                 self._has_image.append(image is not None)
                 if image is not None:
@@ -157,8 +199,8 @@ class Catalogue:
         number = self._snapshot.number(item_id)
         if number is None:
             return None
-        return ItemInfo(item_id, number, self._titles[number - 1], self._has_image[number - 1],
-                        self._added[number - 1])
+        return ItemInfo(item_id, number, self._titles[number - 1], bool(self._has_image[number - 1]),
+                        bool(self._added[number - 1]))
 
     def image(self, item_id: str) -> bytes | None:
         """The encoded image bytes of an item (from memory for added items, else from its LMDB), or None."""
@@ -167,7 +209,7 @@ class Catalogue:
             return None
         if number in self._images:
             return self._images[number]
-        ref = self._refs[number - 1]
+        ref = self._refs.get(number - 1, item_id)
         if ref is None or ref[0] is None:
             return None
         db = ImageDB(ref[0])
