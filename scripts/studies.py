@@ -67,9 +67,9 @@ def run_folder(folder: Path, words: list[str], threads: int, resumable: bool = T
 
 def run_all(tasks: Sequence[Callable[[], T]], jobs: int = 1) -> list[T]:
     """Each task's result, in order, with up to ``jobs`` of them running at once (each task starts its pmmrec
-    subprocess; give each ``threads`` = cores / jobs). On 2 cores, two one-thread runs of small targets get more done
-    than one two-thread run: torch's second thread pays little on small batches. The first failure cancels the tasks
-    not started yet and is raised once the running ones end (their runs stay resumable)."""
+    subprocess; give each ``threads`` = cores / jobs): on small targets a second torch thread pays little, so two
+    one-thread runs should get more done than one two-thread run (not measured yet). The first failure cancels the
+    tasks not started yet and is raised once the running ones end (their runs stay resumable)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     if jobs == 1:
