@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import lmdb
 import pytest
+import torch
 
 
 def copy_checkpoint(source: Path, tmp_path: Path) -> Path:
@@ -14,6 +16,26 @@ def copy_checkpoint(source: Path, tmp_path: Path) -> Path:
     path.parent.mkdir()
     shutil.copy(source, path)
     return path
+
+
+def vectors_of(rec) -> torch.Tensor:
+    """A recommender's catalogue vectors (row 0 the padding), copied."""
+    return rec.catalogue.snapshot().vectors.clone()
+
+
+def set_title(domain: Path, item_id: str, title: str) -> None:
+    """Give one item of ``domain`` another title in its items.tsv."""
+    lines = (domain / "items.tsv").read_text().splitlines()
+    lines = [f"{item_id}\t{title}" if line.split("\t")[0] == item_id else line for line in lines]
+    (domain / "items.tsv").write_text("\n".join(lines) + "\n")
+
+
+def set_image(domain: Path, item_id: str, data: bytes) -> None:
+    """Put ``data`` as the image of ``item_id`` in ``domain``'s images.lmdb."""
+    env = lmdb.open(str(domain / "images.lmdb"), subdir=True, lock=True, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        txn.put(item_id.encode(), data)
+    env.close()
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 import torch
-from tests.unit.inference.conftest import copy_checkpoint
+from tests.unit.inference.conftest import copy_checkpoint, set_image, set_title, vectors_of
 from tests.unit.inference.test_shared_store import _mapped_file
 from tests.unit.serving.test_service import train_tiny
 
@@ -77,29 +76,12 @@ def _reset(counts: dict[str, int]) -> None:
         counts[name] = 0
 
 
-def _vectors(rec: Recommender) -> torch.Tensor:
-    return rec.catalogue.snapshot().vectors.clone()
-
-
-def _set_title(domain: Path, item_id: str, title: str) -> None:
-    lines = (domain / "items.tsv").read_text().splitlines()
-    (domain / "items.tsv").write_text("\n".join(f"{item_id}\t{title}" if line.split("\t")[0] == item_id else line
-                                                for line in lines) + "\n")
-
-
 def _image(domain: Path, item_id: str) -> bytes:
     db = ImageDB(domain / "images.lmdb")
     try:
         return db.get(item_id)
     finally:
         db.close()
-
-
-def _set_image(domain: Path, item_id: str, data: bytes) -> None:
-    env = lmdb.open(str(domain / "images.lmdb"), subdir=True, lock=True, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        txn.put(item_id.encode(), data)
-    env.close()
 
 
 def test_a_restart_with_nothing_changed_reads_the_store_and_builds_no_item_encoder(checkpoint, domain, counted):
@@ -111,7 +93,7 @@ def test_a_restart_with_nothing_changed_reads_the_store_and_builds_no_item_encod
     again = Recommender.from_checkpoint(checkpoint, domain)
     assert isinstance(again.model, DeferredModel) and not again.model.loaded
     assert counted == {"encoded": 0, "image_digests": 0, "weights": 0}
-    assert torch.equal(_vectors(again), _vectors(first))
+    assert torch.equal(vectors_of(again), vectors_of(first))
     ids = read_domain(domain).item_ids
     history = ids[3:3 + HISTORY_LEN]
     assert again.recommend(history, k=10) == first.recommend(history, k=10)  # same items, same scores
@@ -121,36 +103,36 @@ def test_a_restart_with_nothing_changed_reads_the_store_and_builds_no_item_encod
     expected = first.encode_items([new])
     again.add_items([new])
     assert again.model.loaded
-    torch.testing.assert_close(_vectors(again)[again.item("fresh1").number], expected[0])
+    torch.testing.assert_close(vectors_of(again)[again.item("fresh1").number], expected[0])
     assert VectorStore(store).read().ids[-1] == "fresh1"
 
 
 def test_a_changed_image_is_encoded_again(checkpoint, domain, counted):
-    before = _vectors(Recommender.from_checkpoint(checkpoint, domain))
+    before = vectors_of(Recommender.from_checkpoint(checkpoint, domain))
     ids = read_domain(domain).item_ids
-    _set_image(domain, ids[20], _image(domain, ids[40]))
+    set_image(domain, ids[20], _image(domain, ids[40]))
     _reset(counted)
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert isinstance(rec.model, PMMRec)  # the database changed: the full path
     assert counted["encoded"] == 1 and counted["image_digests"] == 1  # every image hashed again, one re-encoded
     changed = rec.item(ids[20]).number
-    assert not torch.allclose(_vectors(rec)[changed], before[changed])
+    assert not torch.allclose(vectors_of(rec)[changed], before[changed])
     _reset(counted)
     again = Recommender.from_checkpoint(checkpoint, domain)  # recorded again: quick once more
     assert isinstance(again.model, DeferredModel) and counted["encoded"] == 0
-    assert torch.equal(_vectors(again), _vectors(rec))
+    assert torch.equal(vectors_of(again), vectors_of(rec))
 
 
 def test_a_changed_title_is_encoded_again_and_the_images_are_not_hashed_again(checkpoint, domain, counted):
     Recommender.from_checkpoint(checkpoint, domain)
     ids = read_domain(domain).item_ids
-    _set_title(domain, ids[10], "a brand new title about the sea")
+    set_title(domain, ids[10], "a brand new title about the sea")
     _reset(counted)
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert isinstance(rec.model, PMMRec) and counted["encoded"] == 1
     assert counted["image_digests"] == 0 and counted["weights"] == 0  # both recorded, their files unchanged
     fresh = Recommender.from_checkpoint(checkpoint, domain, store=None)
-    torch.testing.assert_close(_vectors(rec), _vectors(fresh), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vectors_of(rec), vectors_of(fresh), atol=1e-6, rtol=1e-5)
 
 
 def test_a_damaged_image_digest_cache_is_computed_again(checkpoint, domain, counted):
@@ -160,7 +142,7 @@ def test_a_damaged_image_digest_cache_is_computed_again(checkpoint, domain, coun
     data[-1] ^= 0xFF  # one digest byte: same size, only the checksum sees it
     (store / IMAGE_DIGESTS).write_bytes(bytes(data))
     ids = read_domain(domain).item_ids
-    _set_title(domain, ids[10], "another title")  # the full path, which reads the image digests
+    set_title(domain, ids[10], "another title")  # the full path, which reads the image digests
     _reset(counted)
     Recommender.from_checkpoint(checkpoint, domain)
     assert counted["image_digests"] == 1 and counted["encoded"] == 1  # not 2: the bad digest was not used
@@ -186,7 +168,7 @@ def test_other_overrides_take_the_full_path(checkpoint, domain, counted):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_a_damaged_store_is_caught_by_the_quick_path_and_rebuilt(checkpoint, domain, counted, caplog, damage):
-    good = _vectors(Recommender.from_checkpoint(checkpoint, domain))
+    good = vectors_of(Recommender.from_checkpoint(checkpoint, domain))
     vectors_file = default_store_path(checkpoint, domain) / "000001.vectors.npy"
     data = vectors_file.read_bytes()
     if damage == "truncate":
@@ -200,7 +182,7 @@ def test_a_damaged_store_is_caught_by_the_quick_path_and_rebuilt(checkpoint, dom
         rec = Recommender.from_checkpoint(checkpoint, domain)
     assert counted["encoded"] == 96 and isinstance(rec.model, PMMRec)
     assert any("unusable, rebuilding" in r.getMessage() for r in caplog.records)
-    torch.testing.assert_close(_vectors(rec), good, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vectors_of(rec), good, atol=1e-6, rtol=1e-5)
 
 
 def test_files_changed_a_moment_ago_are_not_recorded(checkpoint, domain, counted, monkeypatch):
@@ -306,7 +288,7 @@ def test_workers_sharing_the_store_start_quickly_and_add_items_through_it(checkp
         assert worker.shared_store is not None
         assert _mapped_file(worker.catalogue.snapshot().items.blocks[0]) == str(store / "000001.vectors.npy")
     assert counted == {"encoded": 0, "image_digests": 0, "weights": 0}
-    assert torch.equal(_vectors(a), _vectors(first))
+    assert torch.equal(vectors_of(a), vectors_of(first))
     ids = read_domain(domain).item_ids
     history = ids[3:3 + HISTORY_LEN]
     assert a.recommend(history, k=10) == first.recommend(history, k=10)
@@ -316,7 +298,7 @@ def test_workers_sharing_the_store_start_quickly_and_add_items_through_it(checkp
     with pytest.raises(DuplicateItemsError):
         b.add_items([new])  # b had not looked yet: encoded (its item encoder built), then refused under the lock
     assert b.model.loaded and b.item("fresh1").added and b.refresh() == 0  # picked up while adding
-    torch.testing.assert_close(_vectors(b)[b.item("fresh1").number], expected[0])
+    torch.testing.assert_close(vectors_of(b)[b.item("fresh1").number], expected[0])
     # A worker started after the append (uvicorn replaced one) still starts quickly, with the added item.
     _reset(counted)
     c = Recommender.from_checkpoint(checkpoint, domain, shared=True)

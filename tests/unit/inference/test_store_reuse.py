@@ -4,11 +4,10 @@ are encoded, another model's or a damaged store is rebuilt, added items are appe
 import logging
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 import torch
-from tests.unit.inference.conftest import copy_checkpoint
+from tests.unit.inference.conftest import copy_checkpoint, set_image, set_title, vectors_of
 from tests.unit.serving.test_service import train_tiny
 
 from pmmrec import NewItem, Recommender
@@ -48,10 +47,6 @@ def encoded(monkeypatch) -> list[int]:
     return calls
 
 
-def _vectors(rec: Recommender) -> torch.Tensor:
-    return rec.catalogue.snapshot().vectors.clone()
-
-
 def test_a_restart_reads_the_store_and_encodes_nothing(checkpoint, domain, encoded):
     first = Recommender.from_checkpoint(checkpoint, domain)
     assert sum(encoded) == 96
@@ -61,43 +56,30 @@ def test_a_restart_reads_the_store_and_encodes_nothing(checkpoint, domain, encod
     encoded.clear()
     again = Recommender.from_checkpoint(checkpoint, domain)
     assert encoded == []
-    assert torch.equal(_vectors(again), _vectors(first))
+    assert torch.equal(vectors_of(again), vectors_of(first))
     # Without a store everything is encoded, to the same vectors.
     plain = Recommender.from_checkpoint(checkpoint, domain, store=None)
     assert sum(encoded) == 96
-    torch.testing.assert_close(_vectors(plain), _vectors(first), atol=1e-6, rtol=1e-5)
-
-
-def _set_title(domain: Path, item_id: str, title: str) -> None:
-    lines = (domain / "items.tsv").read_text().splitlines()
-    lines = [f"{item_id}\t{title}" if line.split("\t")[0] == item_id else line for line in lines]
-    (domain / "items.tsv").write_text("\n".join(lines) + "\n")
-
-
-def _set_image(domain: Path, item_id: str, data: bytes) -> None:
-    env = lmdb.open(str(domain / "images.lmdb"), subdir=True, lock=True, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        txn.put(item_id.encode(), data)
-    env.close()
+    torch.testing.assert_close(vectors_of(plain), vectors_of(first), atol=1e-6, rtol=1e-5)
 
 
 def test_only_changed_items_are_encoded(checkpoint, domain, encoded):
-    before = _vectors(Recommender.from_checkpoint(checkpoint, domain))
+    before = vectors_of(Recommender.from_checkpoint(checkpoint, domain))
     ids = read_domain(domain).item_ids
     db = ImageDB(domain / "images.lmdb")
     other_image = db.get(ids[40])
     db.close()
-    _set_title(domain, ids[10], "a brand new title about the sea")
-    _set_image(domain, ids[20], other_image)
+    set_title(domain, ids[10], "a brand new title about the sea")
+    set_image(domain, ids[20], other_image)
     encoded.clear()
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert sum(encoded) == 2  # the retitled item and the re-imaged one, nothing else
-    after = _vectors(rec)
+    after = vectors_of(rec)
     changed = [rec.item(ids[10]).number, rec.item(ids[20]).number]
     same = [n for n in range(1, 97) if n not in changed]
     assert torch.equal(after[same], before[same])
     assert not torch.allclose(after[changed[0]], before[changed[0]])
-    fresh = _vectors(Recommender.from_checkpoint(checkpoint, domain, store=None))
+    fresh = vectors_of(Recommender.from_checkpoint(checkpoint, domain, store=None))
     torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-5)
     encoded.clear()
     Recommender.from_checkpoint(checkpoint, domain)  # the store was brought up to date
@@ -112,7 +94,7 @@ def test_items_new_at_the_end_are_encoded_and_appended(checkpoint, domain, encod
     db = ImageDB(domain / "images.lmdb")
     image = db.get(ids[0])
     db.close()
-    _set_image(domain, "late1", image)
+    set_image(domain, "late1", image)
     encoded.clear()
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert sum(encoded) == 1 and "late1" in rec
@@ -130,7 +112,7 @@ def test_a_store_of_another_model_is_rebuilt_with_a_log_line(checkpoints, domain
     line = next(r.getMessage() for r in caplog.records if "another model" in r.getMessage())
     assert "rebuilding" in line and "item-encoder weights digest" in line
     assert VectorStore(store).key().weights != StoreKey("", 0).weights
-    torch.testing.assert_close(_vectors(b), _vectors(Recommender.from_checkpoint(checkpoints["b"], domain,
+    torch.testing.assert_close(vectors_of(b), vectors_of(Recommender.from_checkpoint(checkpoints["b"], domain,
                                                                                  store=None)), atol=1e-6, rtol=1e-5)
     # Other preprocessing of the same weights: rebuilt too, the line names the setting.
     caplog.clear()
@@ -143,7 +125,7 @@ def test_a_store_of_another_model_is_rebuilt_with_a_log_line(checkpoints, domain
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "delete"])
 def test_a_damaged_store_is_rebuilt_never_served(checkpoint, domain, encoded, caplog, damage):
-    good = _vectors(Recommender.from_checkpoint(checkpoint, domain))
+    good = vectors_of(Recommender.from_checkpoint(checkpoint, domain))
     store = default_store_path(checkpoint, domain)
     vectors_file = store / "000001.vectors.npy"
     data = vectors_file.read_bytes()
@@ -160,7 +142,7 @@ def test_a_damaged_store_is_rebuilt_never_served(checkpoint, domain, encoded, ca
         rec = Recommender.from_checkpoint(checkpoint, domain)
     assert sum(encoded) == 96
     assert any("unusable, rebuilding" in r.getMessage() for r in caplog.records)
-    torch.testing.assert_close(_vectors(rec), good, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vectors_of(rec), good, atol=1e-6, rtol=1e-5)
     VectorStore(store).read()  # whole again
 
 
@@ -243,11 +225,11 @@ def test_content_and_id_vectors_keep_their_id_rows(quick_world, domain, tmp_path
                             "train.lr=0.05")
     Recommender.from_checkpoint(checkpoint, domain)
     ids = read_domain(domain).item_ids
-    _set_title(domain, ids[70], "retitled forest owl")
+    set_title(domain, ids[70], "retitled forest owl")
     encoded.clear()
     rec = Recommender.from_checkpoint(checkpoint, domain)
     assert sum(encoded) == 1
     fresh = Recommender.from_checkpoint(checkpoint, domain, store=None)
-    torch.testing.assert_close(_vectors(rec), _vectors(fresh), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vectors_of(rec), vectors_of(fresh), atol=1e-6, rtol=1e-5)
     ids_table = fresh.model.item_encoder.id_embedding.weight
     assert ids_table[71].abs().max() > 1e-3  # the row added is not zero: a wrong row would show
