@@ -3,6 +3,10 @@
 Images go first, into the domain's image LMDB (one write transaction: all or nothing); then ``items.tsv`` is
 rewritten with the new lines appended (a temporary file renamed into place). A crash between the two leaves
 at worst images that no item names, which nothing reads; never an item line without its image.
+
+Persisting is idempotent: an id that ``items.tsv`` already lists has its line replaced, not repeated. A call that
+wrote the domain and then failed later (the vector store could not be written, say) can be retried without
+leaving a duplicate id behind, which would make the domain unreadable at the next start.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ def persist_items(domain: str | Path, items: Sequence[tuple[str, str, bytes | No
             env.sync()
         finally:
             env.close()
-    old = files.items.read_bytes()
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
     # Titles are one line and one field: tabs and newlines become spaces (as write_domain_tables does).
-    new = "".join(f"{iid}\t{' '.join(title.split())}\n" for iid, title, _ in items).encode("utf-8")
-    atomic_write_bytes(files.items, old + new)
+    lines = {iid: f"{iid}\t{' '.join(title.split())}\n".encode("utf-8") for iid, title, _ in items}
+    kept = []
+    for line in files.items.read_bytes().splitlines(keepends=True):
+        iid = line.split(b"\t", 1)[0].strip().decode("utf-8", errors="replace")
+        kept.append(lines.pop(iid) if iid in lines else line if line.endswith(b"\n") else line + b"\n")
+    atomic_write_bytes(files.items, b"".join(kept) + b"".join(lines.values()))
 
 
 def _images_path(domain: Path, items_file: Path) -> Path:

@@ -135,6 +135,32 @@ def test_an_exported_store_shared_by_processes_takes_persisted_items_only(checkp
     assert (domain / "items.tsv").read_text().splitlines()[-1] == "p1\tsea wave"  # and into the domain folder
 
 
+
+def test_a_persisted_add_that_failed_after_writing_the_domain_can_be_retried(checkpoint, domain, tmp_path,
+                                                                             monkeypatch):
+    """The domain folder is written before the store: if the store then fails, the retry rewrites the item's line
+    in items.tsv instead of adding a second one (a duplicate id would make the domain unreadable at the next start)."""
+    from pmmrec.data.domain import read_items
+    from pmmrec.inference.shared_store import SharedStore
+
+    exported = tmp_path / "exported"
+    export_store(checkpoint, exported, domain, progress=False)
+    rec = Recommender.from_checkpoint(checkpoint, domain, embeddings=exported, shared=True)
+    real = SharedStore.append
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SharedStore, "append", full_disk)
+    with pytest.raises(PmmrecError, match="No space left"):
+        rec.add_items([NewItem("p1", title="sea wave")], persist=True)
+    assert (domain / "items.tsv").read_text().splitlines()[-1] == "p1\tsea wave"  # the domain was written
+    monkeypatch.setattr(SharedStore, "append", real)
+    rec.add_items([NewItem("p1", title="sea  wave, again")], persist=True)
+    ids, titles = read_items(domain / "items.tsv")  # raises on a duplicate id
+    assert ids.count("p1") == 1 and titles[ids.index("p1")] == "sea wave, again"
+    assert VectorStore(exported).read().ids[-1] == "p1"
+
 def _add_in_child(checkpoint, domain, store, title, barrier, results) -> None:
     rec = Recommender.from_checkpoint(checkpoint, domain, store=store, shared=True)
     barrier.wait(60)  # both loaded (neither has seen the other's item), then both add
