@@ -40,7 +40,7 @@ def persist_items(domain: str | Path, items: Sequence[tuple[str, str, bytes | No
         finally:
             env.close()
     # Titles are one line and one field: tabs and newlines become spaces (as write_domain_tables does).
-    lines = {iid: f"{iid}\t{' '.join(title.split())}\n".encode("utf-8") for iid, title, _ in items}
+    lines = {iid: f"{iid}\t{' '.join(title.split())}\n".encode() for iid, title, _ in items}
     kept = []
     for line in files.items.read_bytes().splitlines(keepends=True):
         iid = line.split(b"\t", 1)[0].strip().decode("utf-8", errors="replace")
