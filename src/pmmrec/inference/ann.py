@@ -19,15 +19,27 @@ So an approximate answer lists only catalogue items not excluded, in exact score
 can lose is a true top-K item the index did not return among its ``C`` candidates. :func:`recall_at_k` measures
 that (``pmmrec bench recall``). With ``index="auto"`` (the default) a catalogue of at most
 :data:`AUTO_EXACT_MAX_ITEMS` items is scored exactly and a larger one through :data:`AUTO_KIND`.
+
+Building a graph over a million items takes minutes, so a built index is kept in a cache folder (the vector
+store's ``index/``) under a key of everything it was built from: the items' vectors (SHA-256 of their bytes), the
+kind and its build settings, the seed and the faiss version. The next start with the same catalogue reads it back
+**memory-mapped** (``IO_FLAG_MMAP_IFC``: the vectors it holds, the bulk of it, are pages of the file that every
+process serving it shares) instead of building it; a catalogue that changed gets a new key, so a stale index is
+never used. The search settings (``efSearch``, ``nprobe``) are not part of the key: they are set after reading.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -50,6 +62,10 @@ AUTO_EXACT_MAX_ITEMS = 100_000
 # 1.000 / 0.976 at 100,000 items and 1.000 / 0.991 at 300,000; IVF at 100,000 items 0.51 / 0.66 at nprobe 64, and
 # still 0.83 / 0.90 at nprobe 256 (README).
 AUTO_KIND = "hnsw"
+# Bump when the way an index is built changes (anything the cache key below does not already hold).
+INDEX_FORMAT = 1
+INDEX_CACHE = "index"  # the cache folder's name inside a vector store
+INDEX_CACHE_KEEP = 3  # index files kept in a cache folder, newest first (others are deleted after a write)
 
 
 @dataclass(frozen=True)
@@ -136,10 +152,15 @@ def resolve_index(kind: str, count: int, settings: IndexSettings) -> str:
 class ApproximateIndex:
     """A faiss inner-product index over items ``1..count`` of a catalogue, and the re-ranked top-K over it."""
 
-    def __init__(self, vectors: Tensor | ItemBlocks, kind: str, settings: IndexSettings | None = None, seed: int = 0):
+    def __init__(self, vectors: Tensor | ItemBlocks, kind: str, settings: IndexSettings | None = None, seed: int = 0,
+                 cache: str | os.PathLike | None = None):
         """``vectors``: ``(N+1, D)``, row 0 the padding, or a catalogue snapshot's :class:`ItemBlocks`. Items
         appended to the catalogue later keep their numbers past ``N`` and are searched exactly (:meth:`topk`).
-        The index holds its own copy of the vectors (faiss's storage), besides its graph or lists."""
+        The index holds its own copy of the vectors (faiss's storage), besides its graph or lists.
+
+        ``cache``: a folder where an index built over the same vectors with the same build settings is read back
+        from (memory-mapped) instead of being built, and where a newly built one is written (atomically; a folder
+        that cannot be written only logs a warning)."""
         if kind not in ("hnsw", "ivf"):
             raise PmmrecError(f"approximate index kind must be hnsw or ivf, got {kind!r}")
         if isinstance(vectors, Tensor) and (vectors.dim() != 2 or vectors.shape[0] < 2):
@@ -148,41 +169,109 @@ class ApproximateIndex:
         if blocks.count < 1:
             raise ValueError("an index needs at least one item")
         faiss = import_faiss(kind)
-        self.kind, self.settings = kind, settings or IndexSettings()
-        self.count, dim = blocks.count, blocks.dim
+        self.kind, self.settings, self.seed = kind, settings or IndexSettings(), seed
+        self.count, self.dim = blocks.count, blocks.dim
         # (N, D): index row i = item i+1. One float32 block (a memory map) is passed as it is, not copied.
         items = np.ascontiguousarray(blocks.rows(1, self.count + 1).float().cpu().numpy())
         started = time.perf_counter()
+        self.cache_path = Path(cache) / f"{kind}-{self._key(items, faiss)}.faiss" if cache is not None else None
+        index = self._read_cached(faiss)
+        self.cached = index is not None  # read back from the cache, not built here
+        if index is None:
+            index = self._build(items, faiss)
+            self._write_cache(index, faiss)
+        self.index = index
+        self._set_search()
+        self.users = 0  # users answered
+        self.fallbacks = 0  # of them, answered by the exact path (too few candidates left)
+        self.build_s = time.perf_counter() - started
+        log.info("recommender: %s index over %d items %s in %.1f s", self.describe, self.count,
+                 f"read from {self.cache_path}" if self.cached else "built", self.build_s)
+
+    def _key(self, items: np.ndarray, faiss) -> str:
+        """What the built index depends on: the vectors' bytes, the kind, its build settings, seed, faiss."""
         s = self.settings
-        if kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        build = {"format": INDEX_FORMAT, "faiss": faiss.__version__, "kind": self.kind, "count": self.count,
+                 "dim": self.dim, "seed": self.seed}
+        build.update({"m": s.hnsw_m, "ef_construction": s.hnsw_ef_construction} if self.kind == "hnsw"
+                     else {"nlist": s.nlist(self.count)})
+        digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode())
+        digest.update(memoryview(items).cast("B"))
+        return digest.hexdigest()[:32]
+
+    def _build(self, items: np.ndarray, faiss):
+        s = self.settings
+        if self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = s.hnsw_ef_construction
-            index.hnsw.efSearch = s.hnsw_ef_search
-            self.describe = f"HNSW (M={s.hnsw_m}, efConstruction={s.hnsw_ef_construction}, efSearch={s.hnsw_ef_search})"
         else:
             nlist = s.nlist(self.count)
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             # k-means on a sample: 64 items a list is plenty for the centroids (faiss wants >= 39), and training
             # on all of a million items would cost more than adding them.
             sample = min(self.count, 64 * nlist)
-            rows = np.random.default_rng(seed).choice(self.count, sample, replace=False) if sample < self.count \
-                else np.arange(self.count)
-            index.cp.seed = seed
+            rows = np.random.default_rng(self.seed).choice(self.count, sample, replace=False) \
+                if sample < self.count else np.arange(self.count)
+            index.cp.seed = self.seed
             # Spherical k-means (unit centroids): with inner-product assignment, unnormalised centroids of large
             # norm take most items and a probe scans a few huge lists (measured on 20,000 random items: the
             # largest list 16x the mean without, 1.4x with); recall at a given nprobe is higher with it too.
             index.cp.spherical = True
             index.train(items[np.sort(rows)])
-            index.nprobe = min(s.ivf_nprobe, nlist)
-            self._quantizer = quantizer  # the IVF index does not own it: keep it alive as long as the index
-            self.describe = f"IVF (nlist={nlist}, nprobe={index.nprobe})"
+            index.own_fields = True  # the index frees its quantizer (as one read back from a file does)
+            quantizer.this.disown()
         index.add(items)
-        self.index = index
-        self.users = 0  # users answered
-        self.fallbacks = 0  # of them, answered by the exact path (too few candidates left)
-        self.build_s = time.perf_counter() - started
-        log.info("recommender: %s index over %d items built in %.1f s", self.describe, self.count, self.build_s)
+        return index
+
+    def _set_search(self) -> None:
+        s = self.settings
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = s.hnsw_ef_search
+            self.describe = f"HNSW (M={s.hnsw_m}, efConstruction={s.hnsw_ef_construction}, efSearch={s.hnsw_ef_search})"
+        else:
+            self.index.nprobe = min(s.ivf_nprobe, self.index.nlist)
+            self.describe = f"IVF (nlist={self.index.nlist}, nprobe={self.index.nprobe})"
+
+    def _read_cached(self, faiss):
+        """The cached index, memory-mapped; None when there is none, or it cannot be read (then rebuilt)."""
+        path = self.cache_path
+        if path is None or not path.is_file():
+            return None
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as e:
+            log.warning("index cache %s cannot be read (%s); building the index again", path,
+                        str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            return None
+        if index.ntotal != self.count or index.d != self.dim:
+            log.warning("index cache %s holds %d items of dim %d, not %d of dim %d; building the index again", path,
+                        index.ntotal, index.d, self.count, self.dim)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # newest first when the cache folder is pruned
+        return index
+
+    def _write_cache(self, index, faiss) -> None:
+        """Write the index to the cache (a temporary file renamed into place) and keep the newest few there."""
+        path = self.cache_path
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            log.warning("could not write the index cache %s (%s); the next start builds the index again", path, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        kept = sorted(path.parent.glob("*.faiss"), key=lambda p: p.stat().st_mtime, reverse=True)
+        crashed = [p for p in path.parent.glob(".*.tmp") if time.time() - p.stat().st_mtime > 3600]
+        for old in kept[INDEX_CACHE_KEEP:] + crashed:
+            with contextlib.suppress(OSError):
+                old.unlink()  # a process that has it mapped keeps its pages until it unmaps them
 
     def set_search(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change how hard the index searches (HNSW ``efSearch``, IVF ``nprobe``) without rebuilding it: for

@@ -37,7 +37,14 @@ from pmmrec.data.item_features import TokenTable
 from pmmrec.errors import DataError, PmmrecError
 from pmmrec.evaluation.evaluator import encode_catalogue
 from pmmrec.evaluation.ranking import ItemBlocks, topk_items
-from pmmrec.inference.ann import ApproximateIndex, IndexKind, IndexSettings, check_index, resolve_index
+from pmmrec.inference.ann import (
+    INDEX_CACHE,
+    ApproximateIndex,
+    IndexKind,
+    IndexSettings,
+    check_index,
+    resolve_index,
+)
 from pmmrec.inference.catalogue import Catalogue, DuplicateItemsError, ItemInfo, Snapshot
 from pmmrec.inference.catalogue_vectors import (
     CatalogueStore,
@@ -119,7 +126,8 @@ class Recommender:
         ``shared``: the store is shared with other processes (:mod:`pmmrec.inference.shared_store`; the catalogue
         was read from it): items are added through it, and :meth:`refresh` picks up the others' additions.
 
-        ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index built here
+        ``index``: ``exact`` scores every item; ``hnsw`` or ``ivf`` finds candidates with a faiss index (built
+        here, or read back from the vector store's ``index/`` cache when it was built over the same vectors before)
         and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
         ``index_settings.exact_max_items`` items (:data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`) and
         approximate above. The choice is made once, on the catalogue as given; items added later are searched
@@ -150,8 +158,10 @@ class Recommender:
         self.store = store
         # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
         # every later snapshot, whose added items it searches exactly.
+        # Kept in the vector store's folder (index/), read back at the next start over the same vectors.
+        cache = store.store.path / INDEX_CACHE if store is not None else None
         self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().items, self.index,
-                                                                        self.index_settings)
+                                                                        self.index_settings, cache=cache)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+from pathlib import Path
 
 from pmmrec.errors import PmmrecError
 
@@ -96,28 +97,42 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def _sync_stores(checkpoint: str, domain: str | None, store: str | None, compare: str | None) -> None:
-    """(A child process.) Bring the stores of ``checkpoint`` and ``compare`` in step with the catalogue."""
-    from pmmrec.inference.recommender import sync_store
+def _sync_stores(checkpoint: str, domain: str | None, store: str | None, compare: str | None,
+                 embeddings: str | None = None, index: str = "auto", index_options: dict | None = None) -> None:
+    """(A child process.) Bring the stores of ``checkpoint`` and ``compare`` in step with the catalogue, and
+    build their approximate indexes into the stores' index caches, so that the workers read them back instead of
+    each building its own at the same time."""
+    from pmmrec.inference.ann import IndexSettings, resolve_index
+    from pmmrec.inference.recommender import Recommender, sync_store
+    from pmmrec.inference.vector_store import VectorStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    settings = IndexSettings(**(index_options or {}))
     try:
-        sync_store(checkpoint, domain, store=store)
-        if compare is not None:
-            sync_store(compare, domain, store="auto")
+        for path, store_of in ((checkpoint, store), (compare, "auto")):
+            if path is None:
+                continue
+            folder = Path(embeddings) if embeddings is not None else sync_store(path, domain, store=store_of)
+            if folder is None or index == "exact" or resolve_index(
+                    index, int(VectorStore(folder).manifest()["count"]), settings) == "exact":
+                continue
+            Recommender.from_checkpoint(path, domain, store=store_of, embeddings=embeddings, index=index,
+                                        index_settings=settings, shared=True).close()
+            if embeddings is not None:
+                break  # --compare serves its own store beside its checkpoint, not the exported one
     except PmmrecError as e:  # as a plain PmmrecError: it comes back to the parent pickled
         raise PmmrecError(str(e)) from None
 
 
-def _sync_in_child(checkpoint: str, domain: str | None, store: str | None, compare: str | None) -> None:
+def _sync_in_child(*args) -> None:
     """Run :func:`_sync_stores` once, before the workers start, in a child process, so that the process uvicorn
     keeps as the workers' supervisor holds neither the model nor the vectors. Its errors are raised here."""
     import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_sync_stores, checkpoint, domain, store, compare).result()
+        pool.submit(_sync_stores, *args).result()
 
 
 def app_from_env():
@@ -163,9 +178,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     if compare is not None:
         read_checkpoint(compare)
     if store is not None or embeddings is not None:
-        if embeddings is None:
-            folder = domain if domain is not None else config.data.domain
-            _sync_in_child(checkpoint, folder, store, compare)
+        folder = domain if domain is not None else config.data.domain
+        if embeddings is None or index != "exact":
+            _sync_in_child(checkpoint, folder, store, compare, embeddings, index, index_options)
         options["shared"] = True
     os.environ[_ENV] = json.dumps(options)
     uvicorn.run("pmmrec.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,

@@ -236,3 +236,49 @@ def test_recall_at_k_by_hand():
     assert recall_at_k([["a", "b"], ["c", "x"]], [["b", "a"], ["c", "d"]]) == 0.75  # (2/2 + 1/2) / 2
     assert recall_at_k([["a"], []], [["z"], []]) == 0.0  # a user with nothing to find is left out
     assert recall_at_k([], []) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@needs_faiss
+def test_a_built_index_is_cached_and_read_back_for_the_same_vectors(exact, kind, tmp_path):
+    """Built once into the cache folder, read back (memory-mapped) over the same vectors with the same answers; the
+    search settings are not part of the key; other vectors or build settings build (and cache) another index."""
+    vectors = exact.catalogue.snapshot().vectors
+    settings = IndexSettings(hnsw_ef_search=64, ivf_nlist=16, ivf_nprobe=4)
+    users = torch.randn(20, DIM, generator=torch.Generator().manual_seed(3))
+    built = ApproximateIndex(vectors, kind, settings, cache=tmp_path)
+    assert not built.cached and [p.name for p in tmp_path.iterdir()] == [built.cache_path.name]
+    again = ApproximateIndex(vectors, kind, settings, cache=tmp_path)
+    assert again.cached and again.cache_path == built.cache_path
+    assert torch.equal(again.candidates(users, 30), built.candidates(users, 30))
+    wider = ApproximateIndex(vectors, kind, IndexSettings(hnsw_ef_search=128, ivf_nlist=16, ivf_nprobe=8),
+                             cache=tmp_path)
+    assert wider.cached and ("efSearch=128" if kind == "hnsw" else "nprobe=8") in wider.describe
+    changed = vectors.clone()
+    changed[7] += 0.5
+    other = ApproximateIndex(changed, kind, settings, cache=tmp_path)
+    rebuilt = ApproximateIndex(vectors, kind, IndexSettings(hnsw_m=8, ivf_nlist=8), cache=tmp_path)
+    assert not other.cached and not rebuilt.cached
+    assert len({built.cache_path, other.cache_path, rebuilt.cache_path}) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (built.cache_path, other.cache_path, rebuilt.cache_path))
+
+
+@needs_faiss
+def test_a_damaged_index_cache_is_rebuilt_and_old_ones_are_pruned(exact, tmp_path, caplog, monkeypatch):
+    import pmmrec.inference.ann as ann
+
+    vectors = exact.catalogue.snapshot().vectors
+    settings = IndexSettings(ivf_nlist=16, ivf_nprobe=16)
+    built = ApproximateIndex(vectors, "ivf", settings, cache=tmp_path)
+    data = built.cache_path.read_bytes()
+    built.cache_path.write_bytes(data[: len(data) // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="pmmrec.inference.ann"):
+        again = ApproximateIndex(vectors, "ivf", settings, cache=tmp_path)
+    assert not again.cached and "cannot be read" in caplog.text
+    assert built.cache_path.read_bytes() == data  # written again, whole
+    assert ApproximateIndex(vectors, "ivf", settings, cache=tmp_path).cached
+    monkeypatch.setattr(ann, "INDEX_CACHE_KEEP", 2)
+    for nlist in (8, 12):
+        ApproximateIndex(vectors, "ivf", IndexSettings(ivf_nlist=nlist), cache=tmp_path)
+    assert len(list(tmp_path.glob("*.faiss"))) == 2 and not built.cache_path.exists()  # the oldest went

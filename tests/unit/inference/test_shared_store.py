@@ -14,6 +14,7 @@ from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import vector_store as vs
 from pmmrec.inference.catalogue import DuplicateItemsError
+from pmmrec.inference.ann import IndexSettings
 from pmmrec.inference.export import export_store
 from pmmrec.inference.recommender import CannotAddItemsError, sync_store
 from pmmrec.inference.shared_store import StoreDiverged
@@ -206,3 +207,20 @@ def test_an_approximate_index_searches_the_items_picked_up_beside_it(checkpoint,
     exact = Recommender(b.model, b.config, b.catalogue, index="exact")
     assert [r.item_id for r in b.recommend(history, k=10)] == [r.item_id for r in exact.recommend(history, k=10)]
     assert "new1" in {r.item_id for r in b.recommend(history, k=97)}
+
+
+def test_serve_builds_the_workers_index_before_they_start(checkpoint, domain, tmp_path):
+    """`pmmrec serve --workers N --index hnsw` builds the index once, in the child that syncs the store; every
+    worker then reads it back from the store's cache instead of building its own."""
+    pytest.importorskip("faiss")
+    from pmmrec.serving.server import _sync_stores
+
+    store = tmp_path / "store"
+    _sync_stores(str(checkpoint), str(domain), str(store), None, None, "hnsw", {"hnsw_m": 8})
+    assert len(list((store / "index").glob("*.faiss"))) == 1
+    worker = Recommender.from_checkpoint(checkpoint, domain, store=store, shared=True, index="hnsw",
+                                         index_settings=IndexSettings(hnsw_m=8))
+    assert worker.approximate_index.cached
+    worker.close()
+    _sync_stores(str(checkpoint), str(domain), str(store), None, None, "auto", None)  # exact at this size: none
+    assert len(list((store / "index").glob("*.faiss"))) == 1

@@ -233,3 +233,18 @@ def test_content_and_id_vectors_keep_their_id_rows(quick_world, domain, tmp_path
     torch.testing.assert_close(vectors_of(rec), vectors_of(fresh), atol=1e-6, rtol=1e-5)
     ids_table = fresh.model.item_encoder.id_embedding.weight
     assert ids_table[71].abs().max() > 1e-3  # the row added is not zero: a wrong row would show
+
+
+def test_an_approximate_index_is_kept_in_the_store_and_read_back(checkpoint, domain):
+    pytest.importorskip("faiss")
+    first = Recommender.from_checkpoint(checkpoint, domain, index="hnsw")
+    index = first.approximate_index
+    assert not index.cached and index.cache_path.parent == default_store_path(checkpoint, domain) / "index"
+    again = Recommender.from_checkpoint(checkpoint, domain, index="hnsw")
+    assert again.approximate_index.cached and again.approximate_index.cache_path == index.cache_path
+    history = [read_domain(domain).item_ids[0]]
+    assert [r.item_id for r in again.recommend(history, k=5)] == \
+        [r.item_id for r in first.recommend(history, k=5)]
+    set_title(domain, read_domain(domain).item_ids[3], "a title never seen before")
+    changed = Recommender.from_checkpoint(checkpoint, domain, index="hnsw")
+    assert not changed.approximate_index.cached  # one vector changed: another index
