@@ -13,8 +13,8 @@ from pmmrec import NewItem, Recommender
 from pmmrec.data.image_db import ImageDB
 from pmmrec.errors import PmmrecError
 from pmmrec.inference import vector_store as vs
-from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.ann import IndexSettings
+from pmmrec.inference.catalogue import DuplicateItemsError
 from pmmrec.inference.export import export_store
 from pmmrec.inference.recommender import CannotAddItemsError, sync_store
 from pmmrec.inference.shared_store import StoreDiverged
