@@ -8,6 +8,10 @@ the items appended since, in a preallocated buffer. A writer fills tail rows pas
 in a new snapshot with the larger count in one reference assignment. A reader takes one snapshot and sees a
 consistent catalogue for its whole request (the rows it reads are never written again); when the tail buffer is
 full a writer copies it into a larger one, and old snapshots keep the old buffer. Writers are serialised by a lock.
+
+The ids and titles are held the same way (:mod:`pmmrec.inference.item_ids`): the base packed into arrays (every
+serving process holds them: as Python objects they took 228 bytes an item), the items appended since in small
+lists; a snapshot numbers only its ``count`` items.
 """
 
 from __future__ import annotations
@@ -18,16 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pmmrec.data.image_db import ImageDB
-from pmmrec.errors import PmmrecError
 from pmmrec.evaluation.ranking import ItemBlocks
-
-
-class DuplicateItemsError(PmmrecError):
-    """New items whose ids the catalogue already has."""
+from pmmrec.inference.item_ids import DuplicateItemsError, IdsView, ItemIds, PackedStrings
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,12 @@ class Snapshot:
 
     count: int
     items: ItemBlocks  # the vectors of items 1..count: base blocks (maybe memory maps), then the added tail
-    ids: list[str]  # shared and append-only: ids[i - 1] is item i; entries past ``count`` are not visible
-    index: dict[str, int]  # shared: raw id -> item number; numbers past ``count`` are not visible
+    table: ItemIds  # shared and append-only: ids numbered past ``count`` are not visible
+
+    @property
+    def ids(self) -> IdsView:
+        """Items 1..count's ids: ``ids[i - 1]`` is item ``i``; slices are lists."""
+        return self.table.view(self.count)
 
     @property
     def vectors(self) -> Tensor:
@@ -45,11 +50,19 @@ class Snapshot:
         return self.items.dense()
 
     def number(self, item_id: str) -> int | None:
-        number = self.index.get(item_id)
+        number = self.table.number(item_id)
         return number if number is not None and number <= self.count else None
 
+    def numbers(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids),)`` int64: the number of each id (strings), 0 where this snapshot has none."""
+        out = self.table.numbers(ids)
+        out[out > self.count] = 0
+        return out
+
     def item_id(self, number: int) -> str:
-        return self.ids[number - 1]
+        if not 1 <= number <= self.count:
+            raise IndexError(f"item number {number} out of range 1..{self.count}")
+        return self.table.item_id(number)
 
 
 @dataclass(frozen=True)
@@ -128,25 +141,29 @@ class Catalogue:
             dim = int(base[0].shape[1])
         self._base = tuple(b for b in base if len(b))
         self._dim = dim
-        self._ids = list(ids)
-        self._index = {iid: i + 1 for i, iid in enumerate(self._ids)}
-        self._titles: list[str | None] = list(titles) if titles is not None else [None] * n
-        refs = list(image_refs) if image_refs is not None else [None] * n
-        flags = list(added) if added is not None else [False] * n
-        if not len(self._titles) == len(refs) == len(flags) == n:
+        refs = image_refs if image_refs is not None else [None] * n
+        if not (titles is None or len(titles) == n) or len(refs) != n or not (added is None or len(added) == n):
             raise ValueError(f"titles, image_refs and added must have one entry per item ({n})")
+        # Ids and titles packed into arrays (item_ids.py): a million in 68 MiB rather than 218 as Python objects.
+        self._ids = ItemIds(ids)
+        self._titles = PackedStrings(titles if titles is not None else [None] * n)
         # Where each item's image lives, (LMDB folder, key); items added at run time keep their bytes in memory.
-        self._refs = ImageRefs(self._ids, refs)
-        self._added = bytearray(map(bool, flags))  # one byte an item, not a list slot
+        self._refs = ImageRefs(ids, refs)
+        self._added = bytearray(map(bool, added)) if added is not None else bytearray(n)  # one byte an item
         present = images_present or set()
-        self._images: dict[int, bytes] = {self._index[iid]: data for iid, data in (images or {}).items()}
+        self._images: dict[int, bytes] = {}  # item number -> encoded image
+        for iid, data in (images or {}).items():
+            number = self._ids.number(iid)
+            if number is None:
+                raise ValueError(f"an image is given for {iid!r}, which is not in the catalogue")
+            self._images[number] = data
         self._has_image = bytearray((ref is not None and ref[0] is not None and iid in present) or i + 1 in self._images
-                                    for i, (iid, ref) in enumerate(zip(self._ids, refs, strict=True)))
-        del refs, flags
+                                    for i, (iid, ref) in enumerate(zip(ids, refs, strict=True)))
+        del refs
         self._lock = threading.Lock()
         self._tail = torch.zeros(64, dim)  # rows of appended items; snapshots view its first rows
         self._tail_count = 0
-        self._snapshot = Snapshot(n, ItemBlocks(self._base, dim), self._ids, self._index)
+        self._snapshot = Snapshot(n, ItemBlocks(self._base, dim), self._ids)
 
     def snapshot(self) -> Snapshot:
         return self._snapshot  # one attribute read: atomic
@@ -163,8 +180,8 @@ class Catalogue:
 
     def existing(self, ids: Sequence[str]) -> list[str]:
         """Those of ``ids`` that are already in the catalogue."""
-        snap = self._snapshot
-        return [iid for iid in ids if snap.number(iid) is not None]
+        ids = list(ids)
+        return [iid for iid, number in zip(ids, self._snapshot.numbers(ids).tolist(), strict=True) if number]
 
     def append(self, ids: Sequence[str], vectors: Tensor, titles: Sequence[str | None],
                images: Sequence[bytes | None]) -> Snapshot:
@@ -175,24 +192,25 @@ class Catalogue:
                 raise DuplicateItemsError(f"item id(s) already in the catalogue: {', '.join(map(repr, taken[:5]))}")
             old = self._snapshot
             start, n, used = old.count + 1, len(ids), self._tail_count
+            if not len(titles) == len(images) == n or tuple(vectors.shape) != (n, self._dim):
+                raise ValueError(f"{n} new items need {n} titles, {n} images and ({n}, {self._dim}) vectors")
             tail = self._tail
             if used + n > len(tail):  # full: a larger copy; readers of ``old`` keep the old buffer
                 tail = tail.new_zeros(max(2 * len(tail), used + n), self._dim)
                 tail[:used] = self._tail[:used]
                 self._tail = tail
-            tail[used:used + n] = vectors.to(tail.dtype)
+            tail[used:used + n] = vectors.to(tail.dtype)  # rows past the published count: no reader sees them
+            self._ids.append(ids)  # checks them again (one id given twice) before appending any
             self._tail_count = used + n
             for offset, (iid, title, image) in enumerate(zip(ids, titles, images, strict=True)):
-                self._ids.append(iid)
                 self._titles.append(title)
                 self._refs.append(iid, None)
                 self._added.append(True)
                 self._has_image.append(image is not None)
                 if image is not None:
                     self._images[start + offset] = image
-                self._index[iid] = start + offset
             items = ItemBlocks(self._base + (tail[:used + n],), self._dim)
-            self._snapshot = Snapshot(old.count + n, items, self._ids, self._index)
+            self._snapshot = Snapshot(old.count + n, items, self._ids)
             return self._snapshot
 
     def info(self, item_id: str) -> ItemInfo | None:

@@ -369,19 +369,21 @@ class Recommender:
     def item_vectors(self) -> tuple[list[str], np.ndarray]:
         """Every item's id and vector, ``(ids, (N, D) float32)``, in catalogue order."""
         snap = self.catalogue.snapshot()
-        return list(snap.ids[: snap.count]), snap.items.rows(1, snap.count + 1).numpy().astype(np.float32, copy=True)
+        return snap.ids[:], snap.items.rows(1, snap.count + 1).numpy().astype(np.float32, copy=True)
 
     def _numbers(self, snap: Snapshot, history: Sequence[str], unknown_items: UnknownItems) -> tuple[
             np.ndarray, list[str]]:
         if isinstance(history, str):
             raise PmmrecError("history must be a list of item ids, not one string (split it first)")
+        history = list(history)
+        found = iter(snap.numbers([i for i in history if isinstance(i, str)]).tolist())  # one look-up for all
         numbers, unknown = [], []
         for item_id in history:
-            number = snap.number(item_id) if isinstance(item_id, str) else None
-            if number is None:
-                unknown.append(item_id if isinstance(item_id, str) else repr(item_id))
-            else:
+            number = next(found) if isinstance(item_id, str) else 0
+            if number:
                 numbers.append(number)
+            else:
+                unknown.append(item_id if isinstance(item_id, str) else repr(item_id))
         if unknown and unknown_items == "reject":
             raise UnknownItemsError(unknown)
         if not numbers:
