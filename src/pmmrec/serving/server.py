@@ -178,7 +178,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     if compare is not None:
         read_checkpoint(compare)
     if store is not None or embeddings is not None:
-        folder = domain if domain is not None else config.data.domain
+        # An exported store needs no sync, only its index; its domain (for titles) is optional, as in the workers.
+        folder = domain if domain is not None or embeddings is not None else config.data.domain
         if embeddings is None or index != "exact":
             _sync_in_child(checkpoint, folder, store, compare, embeddings, index, index_options)
         options["shared"] = True

@@ -224,3 +224,17 @@ def test_serve_builds_the_workers_index_before_they_start(checkpoint, domain, tm
     worker.close()
     _sync_stores(str(checkpoint), str(domain), str(store), None, None, "auto", None)  # exact at this size: none
     assert len(list((store / "index").glob("*.faiss"))) == 1
+
+
+def test_serve_builds_the_index_of_an_exported_store_before_the_workers(checkpoint, domain, tmp_path):
+    pytest.importorskip("faiss")
+    from pmmrec.serving.server import _sync_stores
+
+    exported = tmp_path / "exported"
+    export_store(checkpoint, exported, domain, progress=False)
+    _sync_stores(str(checkpoint), None, "auto", None, str(exported), "hnsw", {"hnsw_m": 8})  # no domain: optional
+    assert len(list((exported / "index").glob("*.faiss"))) == 1
+    worker = Recommender.from_checkpoint(checkpoint, None, embeddings=exported, shared=True, index="hnsw",
+                                         index_settings=IndexSettings(hnsw_m=8))
+    assert worker.approximate_index.cached
+    worker.close()
