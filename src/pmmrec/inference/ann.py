@@ -181,7 +181,7 @@ class ApproximateIndex:
             index = self._build(items, faiss)
             self._write_cache(index, faiss)
         self.index = index
-        self._set_search()
+        self.set_search(ef_search=self.settings.hnsw_ef_search, nprobe=self.settings.ivf_nprobe)
         self.users = 0  # users answered
         self.fallbacks = 0  # of them, answered by the exact path (too few candidates left)
         self.build_s = time.perf_counter() - started
@@ -223,15 +223,6 @@ class ApproximateIndex:
             quantizer.this.disown()
         index.add(items)
         return index
-
-    def _set_search(self) -> None:
-        s = self.settings
-        if self.kind == "hnsw":
-            self.index.hnsw.efSearch = s.hnsw_ef_search
-            self.describe = f"HNSW (M={s.hnsw_m}, efConstruction={s.hnsw_ef_construction}, efSearch={s.hnsw_ef_search})"
-        else:
-            self.index.nprobe = min(s.ivf_nprobe, self.index.nlist)
-            self.describe = f"IVF (nlist={self.index.nlist}, nprobe={self.index.nprobe})"
 
     def _read_cached(self, faiss):
         """The cached index, memory-mapped; None when there is none, or it cannot be read (then rebuilt)."""
@@ -276,11 +267,15 @@ class ApproximateIndex:
     def set_search(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change how hard the index searches (HNSW ``efSearch``, IVF ``nprobe``) without rebuilding it: for
         tuning (``pmmrec bench recall --sweep``); not while other threads search."""
-        if ef_search is not None and self.kind == "hnsw":
-            self.index.hnsw.efSearch = ef_search
-            self.describe = self.describe.rsplit("efSearch=", 1)[0] + f"efSearch={ef_search})"
-        if nprobe is not None and self.kind == "ivf":
-            self.index.nprobe = min(nprobe, self.index.nlist)
+        s = self.settings
+        if self.kind == "hnsw":
+            if ef_search is not None:
+                self.index.hnsw.efSearch = ef_search
+            self.describe = (f"HNSW (M={s.hnsw_m}, efConstruction={s.hnsw_ef_construction}, "
+                             f"efSearch={self.index.hnsw.efSearch})")
+        else:
+            if nprobe is not None:
+                self.index.nprobe = min(nprobe, self.index.nlist)
             self.describe = f"IVF (nlist={self.index.nlist}, nprobe={self.index.nprobe})"
 
     def candidates(self, users: Tensor, fetch: int) -> Tensor:
