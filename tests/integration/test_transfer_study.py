@@ -57,3 +57,15 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     assert zero["evaluated"]["zero_shot"] is True and zero["num_users"] == 4
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # every run is reused
     assert again.returncode == 0 and (out / "gains.md").read_text() == gains
+    # scripts/zero_shot_prior.py on the same pretrained model: weight 0 is the zero-shot evaluation itself
+    prior = tmp_path / "prior.json"
+    kids = out / "data" / "genres" / "kids"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "zero_shot_prior.py"), "--checkpoint",
+                           str(out / "pretrain" / "rec" / "checkpoints" / "best.pt"), "--out", str(prior),
+                           f"data.domain={kids}", "data.missing_image=blank", f"train.cache_dir={out / 'cache'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(prior.read_text())["rows"]
+    assert rows[0]["ratio"] == 0 and len(rows) == 9
+    zero_all = json.loads((out / "runs" / "all-s0" / "zero-shot-rec" / "results.json").read_text())
+    assert rows[0]["test"] == zero_all["test"]
