@@ -143,7 +143,8 @@ def test_bench_serve_quick_writes_the_contract(tmp_path):
     pytest.importorskip("faiss")
     out = tmp_path / "bench.json"
     # Served through an HNSW index (5,000 items: auto would score exactly), its recall measured first.
-    assert main(["bench", "serve", "--quick", "--index", "hnsw", "--out", str(out)]) == 0
+    assert main(["bench", "serve", "--quick", "--index", "hnsw", "--ef-search", "256", "--work", str(tmp_path / "w"),
+                 "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "serve" and result["catalogue"]["synthetic"] is True
     assert result["errors"] == 0 and result["requests"] == 300 and result["throughput_rps"] > 0
@@ -155,6 +156,8 @@ def test_bench_serve_quick_writes_the_contract(tmp_path):
     recall = result["recall"]
     assert 0.9 <= recall["recall@10"] <= 1.0 and recall["queries"] == 500
     assert recall["history_items_returned"] == 0 and recall["short_answers"] == 0
+    assert "efSearch=256" in recall["index"] and recall["cached"] is False  # built, and kept for the next run
+    assert len(list((tmp_path / "w" / "index").glob("hnsw-*.faiss"))) == 1
 
 
 def _start_server(*args: str) -> tuple[subprocess.Popen, str]:

@@ -53,9 +53,10 @@ def catalogue_vectors(num_items: int, kind: str = "random", dim: int = DIM, seed
 
 
 def synthetic_recommender(num_items: int, dim: int = DIM, seed: int = 0, catalogue: str = "random",
-                          index: str = "exact", index_settings=None):
+                          index: str = "exact", index_settings=None, index_cache=None):
     """A Recommender over ``num_items`` synthetic item vectors (:func:`catalogue_vectors`), with a random SASRec
-    user encoder; ``index`` and ``index_settings`` as :class:`~pmmrec.inference.Recommender` takes them."""
+    user encoder; ``index``, ``index_settings`` and ``index_cache`` as :class:`~pmmrec.inference.Recommender`
+    takes them (the same arguments give the same vectors, so a cached index is found again)."""
     import torch
 
     from pmmrec.config import load_config
@@ -71,7 +72,8 @@ def synthetic_recommender(num_items: int, dim: int = DIM, seed: int = 0, catalog
     if vectors is None:
         vectors = model.item_encoder.id_embedding.weight.detach().clone()  # (N+1, D), row 0 = padding
     # The user encoder reads history items from the catalogue's vectors, so these are what it sees too.
-    return Recommender(model, config, Catalogue(ids, vectors), index=index, index_settings=index_settings)
+    return Recommender(model, config, Catalogue(ids, vectors), index=index, index_settings=index_settings,
+                       index_cache=index_cache)
 
 
 def write_synthetic_store(folder, num_items: int, catalogue: str = "random", dim: int = DIM, seed: int = 0) -> None:
@@ -91,7 +93,8 @@ def write_synthetic_store(folder, num_items: int, catalogue: str = "random", dim
                               np.zeros((num_items, DIGEST_BYTES), dtype=np.uint8), vectors[1:].numpy())
 
 
-def shared_synthetic_recommender(folder, seed: int = 0, index: str = "exact", index_settings=None):
+def shared_synthetic_recommender(folder, seed: int = 0, index: str = "exact", index_settings=None,
+                                 index_cache=None):
     """A Recommender over the synthetic store in ``folder`` (:func:`write_synthetic_store`), memory-mapped and
     followed as each worker of ``pmmrec serve --workers N`` does, with a random SASRec user encoder."""
     import torch
@@ -114,7 +117,8 @@ def shared_synthetic_recommender(folder, seed: int = 0, index: str = "exact", in
     if attached is None:
         raise PmmrecError(f"{folder}: the benchmark's vector store cannot be read")
     catalogue = Catalogue(attached.ids, [ItemBlocks.from_array(b) for b in attached.blocks])
-    return Recommender(model, config, catalogue, index=index, index_settings=index_settings, shared=follower)
+    return Recommender(model, config, catalogue, index=index, index_settings=index_settings, shared=follower,
+                       index_cache=index_cache)
 
 
 def histories(num_items: int, queries: int, seed: int = 3) -> list[list[str]]:

@@ -15,6 +15,9 @@ includes the client's own time, on the same cores as the server.
 (default ``auto``: exact at 100,000 items, HNSW above :data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`). When
 the served index is approximate, the JSON reports its recall@10 against exact search on the same catalogue
 (``recall``; the served top-10 of 500 random histories, history excluded, against the exact top-10).
+``--ef-search`` and ``--nprobe`` set its search effort, and ``--work DIR`` keeps the built index in ``DIR/index``
+and reads it back on the next run over the same catalogue (``recall.cached``), so that a sweep of search efforts
+over a million items builds the graph once.
 
 ``--workers N`` (N > 1) serves the catalogue as ``pmmrec serve --workers N`` does: its vectors are written to a
 vector store (a temporary folder) that N uvicorn worker processes memory-map and follow
@@ -70,7 +73,15 @@ TARGET_P99_MS = 50.0  # the issue's target: p99 < 50 ms at 50 concurrent clients
 _WORKER_ENV = "PMMREC_BENCH_SERVE_WORKER"  # JSON options of the worker processes (--workers N)
 
 
-def _serve(port: int, num_items: int, threads: int, ready, catalogue: str, index: str, recall) -> None:
+def _settings(search: dict):
+    """The served index's settings: the defaults, with ``search`` (``hnsw_ef_search``, ``ivf_nprobe``) given."""
+    from pmmrec.inference.ann import IndexSettings
+
+    return IndexSettings(**search)
+
+
+def _serve(port: int, num_items: int, threads: int, ready, catalogue: str, index: str, recall, search: dict,
+           index_cache: str | None) -> None:
     """Child process: build the synthetic recommender and serve it as ``pmmrec serve`` would, until terminated.
 
     With an approximate index, its recall@10 against exact search on the same catalogue is measured first (before
@@ -82,12 +93,14 @@ def _serve(port: int, num_items: int, threads: int, ready, catalogue: str, index
     from pmmrec.serving.app import create_app
 
     tune_malloc()  # what the pmmrec command does at start
-    recommender = synthetic_recommender(num_items, catalogue=catalogue, index=index)
+    recommender = synthetic_recommender(num_items, catalogue=catalogue, index=index,
+                                        index_settings=_settings(search), index_cache=index_cache)
     measured = None
     if recommender.approximate_index is not None:
         exact = Recommender(recommender.model, recommender.config, recommender.catalogue, index="exact")
         measured = {"index": recommender.approximate_index.describe,
                     "build_s": round(recommender.approximate_index.build_s, 1),
+                    "cached": recommender.approximate_index.cached,
                     **measure_recall(exact, recommender, histories(num_items, RECALL_QUERIES))}
     recall.put(measured)
     torch.set_num_threads(threads)
@@ -101,9 +114,11 @@ class _Workers:
     """``--workers N``: uvicorn's supervisor in a fresh interpreter (a multiprocessing child cannot be one: its
     workers reopen its stdin), serving :func:`worker_app` in ``workers`` processes over the store ``store``."""
 
-    def __init__(self, port: int, workers: int, threads: int, store: str, index: str):
+    def __init__(self, port: int, workers: int, threads: int, store: str, index: str, search: dict,
+                 index_cache: str | None):
         env = dict(os.environ, **{_WORKER_ENV: json.dumps({"store": store, "index": index, "threads": threads,
-                                                           "workers": workers})})
+                                                           "workers": workers, "search": search,
+                                                           "index_cache": index_cache})})
         code = ("import uvicorn; uvicorn.run('pmmrec.bench.serve:worker_app', factory=True, host='127.0.0.1', "
                 f"port={port}, workers={workers}, log_level='warning', access_log=False)")
         self.popen = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL)
@@ -132,7 +147,9 @@ def worker_app():
 
     options = json.loads(os.environ[_WORKER_ENV])
     tune_malloc()
-    recommender = shared_synthetic_recommender(options["store"], index=options["index"])
+    recommender = shared_synthetic_recommender(options["store"], index=options["index"],
+                                               index_settings=_settings(options["search"]),
+                                               index_cache=options["index_cache"])
     # Every page of the mapped vectors read once, as the first requests would: each worker's memory figures then do
     # not depend on which of the requests it happened to take.
     recommender.recommend(["i1"], k=K)
@@ -326,6 +343,11 @@ def run(args) -> dict:
     workers = getattr(args, "workers", None) or 1
     if workers < 1:
         raise PmmrecError(f"--workers must be at least 1, got {workers}")
+    search = {name: value for name, value in (("hnsw_ef_search", getattr(args, "ef_search", None)),
+                                              ("ivf_nprobe", getattr(args, "nprobe", None))) if value is not None}
+    _settings(search)  # a bad value is an error here, not in the server process
+    work = getattr(args, "work", None)
+    index_cache = str(Path(work) / "index") if work else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = 1  # pmmrec serve's default: one torch thread per batch, batches side by side
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -337,11 +359,11 @@ def run(args) -> dict:
         folder = Path(tempfile.mkdtemp(prefix="pmmrec-bench-store-"))
         write_synthetic_store(folder, sizes["items"], catalogue)
         vectors_file = (folder / "000001.vectors.npy").resolve()
-        process = _Workers(port, workers, threads, str(folder), index)
+        process = _Workers(port, workers, threads, str(folder), index, search, index_cache)
     else:
         ready, recall_queue = context.Event(), context.Queue()
         process = context.Process(target=_serve, args=(port, sizes["items"], threads, ready, catalogue, index,
-                                                       recall_queue), daemon=True)
+                                                       recall_queue, search, index_cache), daemon=True)
     if workers == 1:
         process.start()
     try:

@@ -117,7 +117,8 @@ class Recommender:
     def __init__(self, model: PMMRec | DeferredModel, config: Config, catalogue: Catalogue, *,
                  domain: Path | None = None, device: torch.device | str = "cpu", unknown_items: UnknownItems = "skip",
                  shortlist: bool | None = None, store: CatalogueStore | None = None, index: IndexKind = "auto",
-                 index_settings: IndexSettings | None = None, shared: SharedStore | None = None):
+                 index_settings: IndexSettings | None = None, shared: SharedStore | None = None,
+                 index_cache: str | os.PathLike | None = None):
         """``model``: a :class:`~pmmrec.models.pmmrec.PMMRec`, or the :class:`~pmmrec.inference.start.DeferredModel`
         of a quick start (the user encoder now, the item encoder when an item is first encoded).
         ``shortlist``: score large catalogues with a certified bfloat16 first pass
@@ -131,7 +132,8 @@ class Recommender:
         and re-ranks them exactly (:mod:`pmmrec.inference.ann`); ``auto`` (default) is exact up to
         ``index_settings.exact_max_items`` items (:data:`~pmmrec.inference.ann.AUTO_EXACT_MAX_ITEMS`) and
         approximate above. The choice is made once, on the catalogue as given; items added later are searched
-        exactly beside the index.
+        exactly beside the index. ``index_cache``: the folder the index is cached in (default: the vector store's
+        ``index/``; none without a store).
         """
         if unknown_items not in ("skip", "reject"):
             raise PmmrecError(f"unknown_items must be 'skip' or 'reject', got {unknown_items!r}")
@@ -159,7 +161,8 @@ class Recommender:
         # Built on the catalogue as it is now; its rows never change (the catalogue is append-only), so it serves
         # every later snapshot, whose added items it searches exactly.
         # Kept in the vector store's folder (index/), read back at the next start over the same vectors.
-        cache = store.store.path / INDEX_CACHE if store is not None else None
+        cache = index_cache if index_cache is not None else store.store.path / INDEX_CACHE if store is not None \
+            else None
         self._ann = None if self.index == "exact" else ApproximateIndex(catalogue.snapshot().items, self.index,
                                                                         self.index_settings, cache=cache)
 
