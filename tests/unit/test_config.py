@@ -70,6 +70,9 @@ def test_wrong_types_are_errors(tmp_path):
         load_config(None, ["model.dim=0"])
     with pytest.raises(ConfigError, match="min_seq_len must be >= 3"):
         load_config(None, ["data.min_seq_len=1"])
+    with pytest.raises(ConfigError, match=r"objectives\.nicl\.max_slots=0'.*max_slots must be positive"):
+        load_config(None, ["objectives.nicl.max_slots=0"])
+    assert load_config(None, ["objectives.nicl.max_slots=null"]).objectives.nicl.max_slots is None
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -123,6 +123,16 @@ class NiclConfig:
     tau: float = 0.1  # temperature (early ref-code commit: 0.1); text and image are mean-pooled over tokens
     head: bool = True  # small projection head before the contrastive loss
     next_item_positives: bool = True  # off = plain CLIP-style alignment (ablation)
+    # Anchors per step: the valid slots of a random subset of the batch's sequences (whole sequences, so every
+    # next-item positive stays), at most this many; null = every slot. The loss compares every anchor with every
+    # other, so its time and memory grow with the square of the slots: whole histories at L=50 and batch 128 are
+    # ~6,500 slots, a (13,000 x 13,000) problem per step (a real-data pretraining with NICL held 7.5 GB and had not
+    # finished an epoch in 10 CPU minutes; rec alone takes one a minute); 4,096 leaves the paper's 64 x 21 as is.
+    max_slots: int | None = 4096
+
+    def __post_init__(self):
+        if self.max_slots is not None:
+            _positive(self, "max_slots")
 
 
 @dataclass

@@ -120,12 +120,30 @@ def nicl_loss(text: Tensor, image: Tensor, items: Tensor, tau: float = 0.1,
     return (log_all - log_positive).mean()
 
 
+def anchor_rows(items: Tensor, max_slots: int | None, generator: torch.Generator | None = None) -> Tensor | None:
+    """The rows (sequences) of ``items`` (B, S) whose valid slots NICL uses: None (all of them) when they hold at
+    most ``max_slots`` valid slots; otherwise a random subset, in a random order drawn with ``generator``, of as
+    many whole rows as fit within ``max_slots`` (at least one row, whatever its length)."""
+    counts = (items != 0).sum(dim=1)  # (B,)
+    if max_slots is None or int(counts.sum()) <= max_slots:
+        return None
+    order = torch.randperm(len(counts), generator=generator).to(items.device)  # (B,)
+    fits = counts[order].cumsum(0) <= max_slots
+    fits[0] = True
+    return order[fits]
+
+
 def nicl_term(out, batch) -> Tensor:
-    """L_NICL on the pooled, projected text and image tokens of the batch's items."""
+    """L_NICL on the pooled, projected text and image tokens of the batch's items; with more valid slots than
+    ``objectives.nicl.max_slots``, on those of a random subset of the sequences (seeded per step)."""
     cfg = out.config.nicl
     text = out.model.heads["nicl_text"](out.tokens.pooled_text())[batch.inverse]  # (B, L+1, D)
     image = out.model.heads["nicl_image"](out.tokens.pooled_image())[batch.inverse]
-    return nicl_loss(text.float(), image.float(), batch.items, cfg.tau, cfg.next_item_positives)
+    items = batch.items
+    rows = anchor_rows(items, cfg.max_slots, torch.Generator().manual_seed(out.noise_seed + 1))
+    if rows is not None:
+        text, image, items = text[rows], image[rows], items[rows]
+    return nicl_loss(text.float(), image.float(), items, cfg.tau, cfg.next_item_positives)
 
 
 def nicl_heads(config, item_encoder) -> dict:

@@ -180,3 +180,50 @@ def test_rejects_bad_shapes():
         nicl_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError):
         nicl_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 3))
+
+
+def test_anchor_rows_keep_whole_sequences_within_max_slots():
+    from pmmrec.objectives.nicl import anchor_rows
+
+    items = torch.zeros(8, 6, dtype=torch.long)
+    lengths = [6, 2, 5, 3, 6, 1, 4, 6]  # 33 valid slots, left-padded
+    for row, n in enumerate(lengths):
+        items[row, 6 - n:] = torch.arange(1, n + 1) + 10 * row
+    assert anchor_rows(items, None) is None and anchor_rows(items, 33) is None  # all of them fit
+    for seed in range(5):
+        rows = anchor_rows(items, 12, torch.Generator().manual_seed(seed))
+        assert len(set(rows.tolist())) == len(rows) and sum(lengths[r] for r in rows.tolist()) <= 12
+        again = anchor_rows(items, 12, torch.Generator().manual_seed(seed))
+        assert torch.equal(rows, again)  # the same seed draws the same rows
+    drawn = {tuple(sorted(anchor_rows(items, 12, torch.Generator().manual_seed(s)).tolist())) for s in range(20)}
+    assert len(drawn) > 1  # a random subset, not always the same one
+    one = anchor_rows(items, 1, torch.Generator().manual_seed(0))
+    assert len(one) == 1  # at least one sequence, even longer than max_slots
+
+
+def test_nicl_term_uses_the_drawn_sequences_only():
+    from types import SimpleNamespace
+
+    from pmmrec.config.schema import ObjectivesConfig
+    from pmmrec.objectives.nicl import anchor_rows, nicl_term
+
+    gen = torch.Generator().manual_seed(0)
+    batch_items = torch.randint(1, 30, (6, 5), generator=gen)  # (B, S), no padding: 30 slots
+    unique, inverse = batch_items.unique(return_inverse=True)
+    text, image = torch.randn(len(unique), 8, generator=gen), torch.randn(len(unique), 8, generator=gen)
+    tokens = SimpleNamespace(pooled_text=lambda: text, pooled_image=lambda: image)
+    heads = {"nicl_text": torch.nn.Identity(), "nicl_image": torch.nn.Identity()}
+    batch = SimpleNamespace(items=batch_items, inverse=inverse)
+
+    def term(max_slots):
+        config = ObjectivesConfig()
+        config.nicl.max_slots = max_slots
+        out = SimpleNamespace(config=config, tokens=tokens, model=SimpleNamespace(heads=heads), noise_seed=3)
+        return nicl_term(out, batch)
+
+    full = nicl_loss(text[inverse], image[inverse], batch_items)
+    assert torch.allclose(term(None), full) and torch.allclose(term(30), full)
+    rows = anchor_rows(batch_items, 12, torch.Generator().manual_seed(3 + 1))
+    assert len(rows) == 2
+    expected = nicl_loss(text[inverse][rows], image[inverse][rows], batch_items[rows])
+    assert torch.allclose(term(12), expected) and not torch.allclose(term(12), full)
