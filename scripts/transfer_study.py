@@ -17,7 +17,7 @@ Finished runs are reused and unfinished ones resumed, so the script can be stopp
 
     python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
         [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2] [--jobs 1]
-        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...]
+        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...]
 
 Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
 """
@@ -52,9 +52,11 @@ class Study:
     threads: int = 2
     # for every run, after the study's own settings: 7 ML-1M movies have no poster, then --set
     extra: list[str] = field(default_factory=lambda: ["data.missing_image=blank"])
+    target_extra: list[str] = field(default_factory=list)  # --target-set: the target runs only, after extra
 
-    def run(self, folder: Path, words: list[str], resumable: bool = True) -> dict:
-        return run_folder(folder, [*words, f"train.cache_dir={self.out / 'cache'}", *self.extra], self.threads,
+    def run(self, folder: Path, words: list[str], resumable: bool = True, target: bool = False) -> dict:
+        extra = [*self.extra, *self.target_extra] if target else self.extra
+        return run_folder(folder, [*words, f"train.cache_dir={self.out / 'cache'}", *extra], self.threads,
                           resumable)
 
 
@@ -103,8 +105,8 @@ def variants(study: Study, checkpoints: dict[str, Path], first: str) -> dict[str
 def run(study: Study, words: list[str], domain: Path, folder: Path, seed: int) -> dict:
     if words[0] == "evaluate":  # zero-shot: no training, the evaluation is the run
         return study.run(folder, [words[0], "--out", str(folder), *words[1:], f"data.domain={domain}"],
-                         resumable=False)
-    return study.run(folder, [*words, f"data.domain={domain}", f"run.dir={folder}", f"seed={seed}"])
+                         resumable=False, target=True)
+    return study.run(folder, [*words, f"data.domain={domain}", f"run.dir={folder}", f"seed={seed}"], target=True)
 
 
 def gains(results: dict[tuple[str, str, int], dict]) -> str:
@@ -142,6 +144,9 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of every run (default: %(default)s)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. train.epochs=2 (after the study's own)")
+    parser.add_argument("--target-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for the target runs only (not pretraining), after --set, e.g. "
+                             "train.patience=30; use a new --out, since finished runs are reused as they are")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -150,6 +155,7 @@ def main() -> None:
             parser.error(f"--sizes: {size!r} is neither a positive number nor all")
     study = Study(args.out, args.recipe.resolve(), args.threads)
     study.extra.extend(args.set)
+    study.target_extra.extend(args.target_set)
     root = prepare(args.data, study)
     paths = run_all([functools.partial(pretrain, root, study, objectives) for objectives in args.pretrain], args.jobs)
     checkpoints = dict(zip(args.pretrain, paths, strict=True))
