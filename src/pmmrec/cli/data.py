@@ -66,7 +66,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 def cmd_data_sample(args: argparse.Namespace) -> None:
     from pmmrec.data.sample import sample_domain
 
-    report = sample_domain(args.domain, args.out, args.users, seed=args.seed, overwrite=args.overwrite)
+    report = sample_domain(args.domain, args.out, args.users, seed=args.seed, overwrite=args.overwrite,
+                           rest=args.rest)
     print(report.summary())
 
 
@@ -140,7 +141,10 @@ def _add_data_commands(sub) -> None:
                    help="how many users to keep: 1 to the domain's number of users")
     p.add_argument("--seed", type=int, default=0, help="random seed of the draw (default 0)")
     p.add_argument("--out", required=True, help="the domain folder to create (built beside it, then renamed)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --rest) if it exists")
+    p.add_argument("--rest", metavar="DIR", help="also write the users not drawn (and what they touch) as a domain "
+                   "folder: users a model trained on the sample never saw, to evaluate it on with `pmmrec "
+                   "evaluate --checkpoint ... data.domain=DIR`")
 
     _add_data_interchange(dsub)
 

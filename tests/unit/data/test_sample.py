@@ -196,3 +196,37 @@ def test_the_command_line(tiny_domain, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pmmrec: error: --users 6040 but") and err.strip().count("\n") == 0
     assert "has 4 users; pass --users 4 or fewer" in err
+
+
+def test_rest_holds_exactly_the_users_not_drawn_with_their_items_and_images(wide_domain, tmp_path):
+    out, rest = tmp_path / "s", tmp_path / "rest"
+    report = sample_domain(wide_domain, out, users=7, seed=3, rest=rest)
+    alone = sample_domain(wide_domain, tmp_path / "alone", users=7, seed=3)
+    for name in ("users.tsv", "items.tsv"):  # --rest does not change the sample
+        assert (out / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    source, others = read_domain(wide_domain), read_domain(rest, empty_title="blank")
+    histories = _histories(wide_domain)
+    assert set(others.user_ids) == set(source.user_ids) - set(read_domain(out).user_ids)
+    assert len(others.user_ids) == 33 and _histories(rest) == {u: histories[u] for u in others.user_ids}
+    touched = {i for u in others.user_ids for i in histories[u]}
+    assert others.item_ids == [i for i in source.item_ids if i in touched]
+    source_images = _images(wide_domain / "images.lmdb")
+    assert _images(rest / "images.lmdb") == {i: source_images[i] for i in others.item_ids if i in source_images}
+    rest_report = json.loads((rest / REPORT_FILE).read_text(encoding="utf-8"))
+    assert rest_report["rest"] is True and rest_report["users"] == 33 and rest_report["seed"] == 3
+    assert (report.rest_out, report.rest_users, report.rest) == (str(rest), 33, False)
+    assert alone.rest_out is None and "the 33 users not drawn" in report.summary()
+
+
+def test_rest_refuses_when_no_user_is_left_or_it_is_the_sample_folder(wide_domain, tmp_path):
+    with pytest.raises(PmmrecError, match="no user is left for --rest"):
+        sample_domain(wide_domain, tmp_path / "s", users=40, rest=tmp_path / "r")
+    with pytest.raises(PmmrecError, match="same folder as --out"):
+        sample_domain(wide_domain, tmp_path / "s", users=4, rest=tmp_path / "s")
+    (tmp_path / "r").mkdir()
+    with pytest.raises(PmmrecError, match="already exists; pass --overwrite"):
+        sample_domain(wide_domain, tmp_path / "s", users=4, rest=tmp_path / "r")
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    assert main(["data", "sample", str(wide_domain), "--users", "4", "--out", str(tmp_path / "s"), "--rest",
+                 str(tmp_path / "r"), "--overwrite"]) == 0
+    assert len(read_domain(tmp_path / "r").user_ids) == 36
