@@ -12,12 +12,15 @@
    no fine-tuning). Objective sets other than the first are transferred in full only.
 5. ``pmmrec report --curve`` over every run: OUT/curve/curve.{md,json,png}; OUT/gains.md: each variant's NDCG@10
    gain over scratch on the same target (paired by size and seed), mean ± std over seeds.
+6. With ``--heldout``: every model trained on a sample (and the pretrained one, zero-shot) is also evaluated on the
+   kids users that sample did not draw (``pmmrec data sample --rest``; thousands of users instead of the sample's
+   100-1,000 test users): OUT/heldout/SIZE-sSEED/VARIANT, OUT/gains-heldout.md and OUT/curve-heldout/.
 
 Finished runs are reused and unfinished ones resumed, so the script can be stopped and started again.
 
     python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
         [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2] [--jobs 1]
-        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...]
+        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...] [--heldout]
 
 Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +106,27 @@ def variants(study: Study, checkpoints: dict[str, Path], first: str) -> dict[str
     return out
 
 
+def rest(root: Path, study: Study, size: str, seed: int) -> Path:
+    """The kids users that the sample of ``size`` drawn with ``seed`` does not hold, as a domain."""
+    folder = study.out / "data" / f"{TARGET}-{size}-s{seed}-rest"
+    if not (folder / "users.tsv").is_file():
+        again = study.out / "data" / f".{TARGET}-{size}-s{seed}-again"  # the same sample, drawn again with it
+        pmmrec("data", "sample", str(root / TARGET), "--users", size, "--seed", str(seed), "--out", str(again),
+               "--rest", str(folder), "--overwrite", threads=study.threads)
+        sample = study.out / "data" / f"{TARGET}-{size}-s{seed}"
+        if (again / "users.tsv").read_bytes() != (sample / "users.tsv").read_bytes():
+            raise SystemExit(f"{again} differs from {sample}: the draw is not reproducible, so its rest is unknown")
+        shutil.rmtree(again)
+    return folder
+
+
+def heldout(study: Study, words: list[str], trained: Path, others: Path, folder: Path) -> dict:
+    """The model of run ``trained`` (the pretrained one for zero-shot) evaluated on the users ``others``."""
+    checkpoint = words[2] if words[0] == "evaluate" else str(trained / "checkpoints" / "best.pt")
+    return study.run(folder, ["evaluate", "--out", str(folder), "--checkpoint", checkpoint,
+                              f"data.domain={others}"], resumable=False, target=True)
+
+
 def run(study: Study, words: list[str], domain: Path, folder: Path, seed: int) -> dict:
     if words[0] == "evaluate":  # zero-shot: no training, the evaluation is the run
         return study.run(folder, [words[0], "--out", str(folder), *words[1:], f"data.domain={domain}"],
@@ -144,6 +169,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of every run (default: %(default)s)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. train.epochs=2 (after the study's own)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also evaluate every sample's models on the kids users the sample did not draw")
     parser.add_argument("--target-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for the target runs only (not pretraining), after --set, e.g. "
                              "train.patience=30; use a new --out, since finished runs are reused as they are")
@@ -175,7 +202,22 @@ def main() -> None:
     atomic_write_text(args.out / "results.json", json.dumps(
         [{"variant": n, "size": s, "seed": seed, **r} for (n, s, seed), r in results.items()], indent=2) + "\n")
     print(text)
-
+    if args.heldout:
+        words, evaluated, tasks = variants(study, checkpoints, args.pretrain[0]), [], []
+        for (name, size, seed), folder in zip(keys, folders, strict=True):
+            if size == "all" or name == "pop":  # no user is left out of all; popularity is not a model to carry
+                continue
+            target_folder = args.out / "heldout" / f"{size}-s{seed}" / name
+            evaluated.append(((name, size, seed), target_folder))
+            tasks.append(functools.partial(heldout, study, words[name], folder, rest(root, study, size, seed),
+                                           target_folder))
+        evaluations = dict(zip([key for key, _ in evaluated], run_all(tasks, args.jobs), strict=True))
+        pmmrec("report", "--curve", "--by", "name", *(str(f) for _, f in evaluated), "--out",
+               str(args.out / "curve-heldout"), threads=args.threads)
+        text = gains(evaluations)
+        atomic_write_text(args.out / "gains-heldout.md", text + "\n")
+        print("evaluated on the users each sample did not draw:")
+        print(text)
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     cmd = [sys.executable, str(REPO / "scripts" / "transfer_study.py"), "--data", str(data), "--out", str(out),
            "--sizes", "4", "all", "--seeds", "0", "--threads", "1", "--jobs", "2",
            "--recipe", str(REPO / "configs" / "tiny.yaml"),
-           "--set", "train.epochs=1", "train.max_steps=2", "--target-set", "train.max_steps=1"]
+           "--set", "train.epochs=1", "train.max_steps=2", "--target-set", "train.max_steps=1", "--heldout"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sample = json.loads((out / "data" / "kids-4-s0" / "sample_report.json").read_text())
@@ -58,6 +58,17 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     assert "max_steps: 1" in (out / "runs" / "4-s0" / "scratch" / "config.yaml").read_text()
     zero = json.loads((out / "runs" / "4-s0" / "zero-shot-rec" / "results.json").read_text())
     assert zero["evaluated"]["zero_shot"] is True and zero["num_users"] == 4
+    # --heldout: each sample's models evaluated on the 8 kids users the sample did not draw
+    rest = out / "data" / "kids-4-s0-rest"
+    def users(folder):
+        return {line.split("\t")[0] for line in (folder / "users.tsv").read_text().splitlines()[1:]}
+
+    assert len(users(rest)) == 8 and not users(rest) & users(out / "data" / "kids-4-s0")
+    for name in variants - {"pop"}:
+        held = json.loads((out / "heldout" / "4-s0" / name / "results.json").read_text())
+        assert held["num_users"] == 8 and held["evaluated"]["domain"] == str(rest)
+    assert (out / "gains-heldout.md").read_text().startswith("| gain over scratch, test NDCG@10 | 4 users |")
+    assert (out / "curve-heldout" / "curve.json").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # every run is reused
     assert again.returncode == 0 and (out / "gains.md").read_text() == gains
     # scripts/zero_shot_prior.py on the same pretrained model: weight 0 is the zero-shot evaluation itself
