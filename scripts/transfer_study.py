@@ -225,28 +225,15 @@ def main() -> None:
 
 def heldout_pop(study: Study, sample: Path, others: Path, folder: Path) -> dict:
     """Most popular by the training counts of ``sample``, evaluated on the users ``others`` (run folder
-    ``folder``: config.yaml and results.json, as ``pmmrec baseline pop`` writes them)."""
-    import numpy as np
-
-    from pmmrec.config import dump_config, load_config
-    from pmmrec.data.sources import eval_splits, load_split
-    from pmmrec.evaluation.baselines import most_popular
+    ``folder``, as ``pmmrec baseline pop`` writes it)."""
+    from pmmrec.config import load_config
+    from pmmrec.evaluation.baselines import run_most_popular
 
     if (folder / "results.json").is_file():
         return json.loads((folder / "results.json").read_text())
-    config = load_config(study.recipe, [f"data.domain={others}", *study.extra, *study.target_extra])
-    known = load_split(load_config(study.recipe, [f"data.domain={sample}", *study.extra]), images=False)
-    split = load_split(config, images=False)
-    count = dict(zip(known.item_ids, known.train_counts[1:].tolist(), strict=True))
-    counts = np.array([0] + [count.get(item, 0) for item in split.item_ids], dtype=np.float64)  # 0: unseen there
-    valid, test = eval_splits(split, config.data.max_seq_len)
-    results = {"baseline": f"most popular by the training counts of {sample}",
-               "valid": most_popular(counts, valid, config.eval.ks), "test": most_popular(counts, test, config.eval.ks),
-               "num_items": split.num_items, "num_users": split.num_users, "data": {"history": config.data.history}}
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_config(config, folder / "config.yaml")
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
-    return results
+    config = load_config(study.recipe, [f"data.domain={others}", f"run.dir={folder}", *study.extra,
+                                        *study.target_extra])
+    return run_most_popular(config, counts_from=sample)
 
 
 def means(results: dict[tuple[str, str, int], dict]) -> str:

@@ -214,6 +214,16 @@ def test_baselines_run_from_the_command_line_and_report_beside_models(quick_worl
     assert pop["baseline"] == "most popular" and pop["num_items"] == 96 and pop["data"]["history"] == "all"
     assert 0 < pop["test"]["exclude_history"]["NDCG@10"] < 1
     assert main(["baseline", "pop", "-c", str(TINY), domain, f"run.dir={tmp_path / 'pop'}"]) == 2  # not over a run
+    # counts_from: another domain's training counts, matched by item id (the same domain gives the same ranking)
+    from pmmrec.evaluation.baselines import run_most_popular
+
+    same = run_most_popular(load_config(TINY, [domain, f"run.dir={tmp_path / 'pop-same'}"]),
+                            counts_from=quick_world / "target")
+    assert same["test"] == pop["test"] and same["valid"] == pop["valid"]
+    assert same["baseline"] == f"most popular by the training counts of {quick_world / 'target'}"
+    other = run_most_popular(load_config(TINY, [domain, f"run.dir={tmp_path / 'pop-other'}"]),
+                             counts_from=quick_world / "books")
+    assert other["test"] != pop["test"]  # no target item is in that domain: every count is 0
     assert main(["baseline", "sasrec", "-c", str(TINY), domain, f"run.dir={tmp_path / 'ids'}",
                  "train.max_steps=2"]) == 0
     assert yaml.safe_load((tmp_path / "ids" / "config.yaml").read_text())["model"]["item_tower"] == "id"
