@@ -208,3 +208,20 @@ def test_content_plus_id_transfers_its_content_and_serves_new_items(quick_world,
     assert "fresh" in rec and len(rec.recommend(history, k=5)) == 5
     other = evaluate_checkpoint(str(ckpt), [f"data.domain={quick_world / 'target'}"], splits=["test"])
     assert 0.0 <= other["test"]["exclude_history"]["NDCG@10"] <= 1.0
+
+
+def test_pretrain_objectives_default_to_the_recipes_pretrain_list(quick_world, tmp_path):
+    """`pmmrec pretrain` without --objectives trains the recipe's objectives.pretrain (all four by default, rec alone
+    in the real-data recipes); --objectives overrides it."""
+    for recipe in ("real-cpu.yaml", "real-gpu.yaml"):
+        assert load_config(REPO / "configs" / recipe).objectives.pretrain == ["rec"]
+    common = [_sources(quick_world), "train.max_steps=1", "model.fusion=sum"]
+    cases = {"default": ([], ["rec", "nicl", "nid", "rcl"]),
+             "recipe": (["objectives.pretrain=[rec, nid]"], ["rec", "nid"]),
+             "flag": (["--objectives", "rec,rcl", "objectives.pretrain=[rec, nid]"], ["rec", "rcl"])}
+    for name, (extra, expected) in cases.items():
+        run = tmp_path / name
+        assert main(["pretrain", "-c", str(TINY), *extra, *common, f"run.dir={run}"]) == 0
+        assert load_config(run / "config.yaml").objectives.use == expected
+        line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert set(line["train_terms"]) == set(expected)

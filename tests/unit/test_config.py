@@ -114,3 +114,5 @@ def test_yaml_booleans_read_as_off_on_words(tmp_path):
     assert load_config(recipe).train.amp == "off"
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(None, ["model.fusion=off"])  # no "off" among the fusions: still an error
+    with pytest.raises(ConfigError, match="objectives.pretrain must name at least one objective"):
+        load_config(None, ["objectives.pretrain=[]"])

@@ -27,6 +27,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
     from pmmrec.training import pretrain
 
+    if args.objectives is None:  # the recipe's objectives.pretrain (all four unless the recipe says otherwise)
+        named = load_config(args.config, args.overrides).objectives.pretrain
+        args.objectives = ",".join(named)
     results = pretrain(load_config(args.config, [*args.overrides, _objectives(args)]), resume=args.resume)
     for name, splits in (results.get("per_domain", {}) if _prints() else {}).items():
         metrics = splits["test"]["exclude_history"]
@@ -67,9 +70,11 @@ def _add_training_commands(sub) -> None:
     p = _command(sub, "pretrain", "pretrain on several source domains (next-item, NICL, NID, RCL)",
                  "pmmrec pretrain -c configs/cpu.yaml data.sources=[data/world/books,data/world/films] "
                  "run.dir=runs/pretrain", cmd_pretrain)
-    p.add_argument("--objectives", default="rec,nicl,nid,rcl", metavar="LIST",
-                   help="pretraining objectives, any subset of rec,nicl,nid,rcl (default: all four; "
-                        "nicl needs the multimodal item tower). Weights: objectives.weights.NAME=W")
+    p.add_argument("--objectives", metavar="LIST",
+                   help="pretraining objectives, any subset of rec,nicl,nid,rcl (default: the recipe's "
+                        "objectives.pretrain: all four, the PMMRec model, except in the real-data recipes, which "
+                        "pretrain with rec alone; nicl needs the multimodal item tower). Weights: "
+                        "objectives.weights.NAME=W")
     _config_args(p, resume=True)
     p = _command(sub, "transfer", "fine-tune a pretrained checkpoint on a target domain, by part and modality",
                  "pmmrec transfer -c configs/cpu.yaml --from runs/pretrain/checkpoints/best.pt "

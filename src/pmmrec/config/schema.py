@@ -157,8 +157,11 @@ class RclConfig:
 @dataclass
 class ObjectivesConfig:
     # Names in pmmrec.objectives.registry (rec, nicl, nid, rcl, and any registered extension), checked when the model
-    # is built. Pretraining sets all four.
+    # is built. What training optimises; `pmmrec pretrain` sets it to `pretrain` unless --objectives says otherwise.
     use: list[str] = field(default_factory=lambda: ["rec"])
+    # The objectives `pmmrec pretrain` uses by default: the PMMRec model's four. The real-data recipes set [rec]:
+    # on MovieLens-1M the auxiliary objectives did not help transfer (README, objectives ablation).
+    pretrain: list[str] = field(default_factory=lambda: ["rec", "nicl", "nid", "rcl"])
     weights: dict[str, float] = field(
         default_factory=lambda: {"rec": 1.0, "nicl": 0.4, "nid": 0.2, "rcl": 0.2})  # our design (docs/design.md §5)
     logq: bool = True  # popularity (logQ) correction of in-batch logits (ref code); false = plain in-batch softmax
@@ -170,6 +173,8 @@ class ObjectivesConfig:
     def __post_init__(self):
         if not self.use:
             raise ConfigError("objectives.use must name at least one objective")
+        if not self.pretrain:
+            raise ConfigError("objectives.pretrain must name at least one objective")
 
 
 @dataclass
