@@ -72,6 +72,8 @@ def test_wrong_types_are_errors(tmp_path):
         load_config(None, ["data.min_seq_len=1"])
     with pytest.raises(ConfigError, match=r"objectives\.nicl\.max_slots=0'.*max_slots must be positive"):
         load_config(None, ["objectives.nicl.max_slots=0"])
+    with pytest.raises(ConfigError, match="objectives.pretrain must name at least one objective"):
+        load_config(None, ["objectives.pretrain=[]"])
     assert load_config(None, ["objectives.nicl.max_slots=null"]).objectives.nicl.max_slots is None
 
 
@@ -114,5 +116,3 @@ def test_yaml_booleans_read_as_off_on_words(tmp_path):
     assert load_config(recipe).train.amp == "off"
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(None, ["model.fusion=off"])  # no "off" among the fusions: still an error
-    with pytest.raises(ConfigError, match="objectives.pretrain must name at least one objective"):
-        load_config(None, ["objectives.pretrain=[]"])
