@@ -366,11 +366,15 @@ def run(args) -> dict:
                                                        recall_queue, search, index_cache), daemon=True)
     if workers == 1:
         process.start()
+    # Start-up encodes nothing but may build an index and measure its recall. HNSW over a million items took
+    # 1,198 s on 2 idle cores (1.2 ms an item) and over 1,300 s on a busy one: allow 4 ms an item where an index
+    # may be built (hnsw, ivf, or auto above its threshold), 1 ms otherwise. A server that dies is reported at
+    # once, whatever the allowance.
+    startup = 300.0 + sizes["items"] * (0.004 if index in ("hnsw", "ivf", "auto") else 0.001)
     try:
-        # Start-up encodes nothing but may build an index: allow for it (a million items, one core: minutes).
-        _wait_ready(url, process, timeout=300.0 + sizes["items"] / 1000)
+        _wait_ready(url, process, timeout=startup)
         recall = recall_queue.get(timeout=10) if workers == 1 else None
-        pids = _worker_pids(url, workers, timeout=300.0 + sizes["items"] / 1000) if workers > 1 else [process.pid]
+        pids = _worker_pids(url, workers, timeout=startup) if workers > 1 else [process.pid]
         served_index = _get_json(f"{url}/health", timeout=10).get("index")
         log.info("bench serve: %d items, %d clients, %d requests", sizes["items"], sizes["clients"],
                  sizes["requests"])
