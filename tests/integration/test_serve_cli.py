@@ -292,3 +292,49 @@ def test_a_worker_of_several_adds_items_only_through_a_shared_store(checkpoint, 
         assert two.post("/items", json=item).status_code == 409  # the store says it is taken
         assert two.get("/items/n1").json()["title"] == "sea wave"
         assert one.get("/health").json()["store_version"] == two.get("/health").json()["store_version"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server process through /proc")
+def test_bench_serve_stops_its_server_when_terminated(tmp_path):
+    """A SIGTERM to `pmmrec bench serve` (kill, a CI timeout) stops the server process it started, rather than
+    leaving it building an index or serving on its own."""
+    import contextlib
+    import os
+    import signal
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # "pid (name) state ppid ...": the name may hold spaces, so split after its ")"
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                pass
+        return found
+
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    bench = subprocess.Popen([sys.executable, "-m", "pmmrec", "bench", "serve", "--quick", "--index", "exact",
+                              "--out", str(tmp_path / "bench.json")])
+    deadline, servers = time.monotonic() + 60, []
+    while not servers and time.monotonic() < deadline:  # the spawned server (multiprocessing's tracker aside)
+        servers = [c for c in children(bench.pid) if "spawn_main" in cmdline(c)]
+        time.sleep(0.1)
+    try:
+        assert servers, "bench serve started no server process within 60 s"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{s}").exists() for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{s}").exists() for s in servers), "the server outlived bench serve"
+        assert not (tmp_path / "bench.json").exists()
+    finally:  # whatever failed, leave no process behind
+        bench.kill()
+        for pid in servers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -38,10 +38,12 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -310,6 +312,10 @@ def _get_json(url: str, timeout: float) -> dict:
         return json.loads(r.read())
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _wait_ready(url: str, process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -354,24 +360,27 @@ def run(args) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state inherited from this one
-    folder = vectors_file = None
-    if workers > 1:  # the catalogue as a vector store that the workers share
-        folder = Path(tempfile.mkdtemp(prefix="pmmrec-bench-store-"))
-        write_synthetic_store(folder, sizes["items"], catalogue)
-        vectors_file = (folder / "000001.vectors.npy").resolve()
-        process = _Workers(port, workers, threads, str(folder), index, search, index_cache)
-    else:
-        ready, recall_queue = context.Event(), context.Queue()
-        process = context.Process(target=_serve, args=(port, sizes["items"], threads, ready, catalogue, index,
-                                                       recall_queue, search, index_cache), daemon=True)
-    if workers == 1:
-        process.start()
+    folder = vectors_file = process = None
     # Start-up encodes nothing but may build an index and measure its recall. HNSW over a million items took
     # 1,198 s on 2 idle cores (1.2 ms an item) and over 1,300 s on a busy one: allow 4 ms an item where an index
     # may be built (hnsw, ivf, or auto above its threshold), 1 ms otherwise. A server that dies is reported at
     # once, whatever the allowance.
     startup = 300.0 + sizes["items"] * (0.004 if index in ("hnsw", "ivf", "auto") else 0.001)
+    # A SIGTERM (kill, a CI timeout) would end this process without its `finally`, leaving the server building or
+    # serving on its own; as SystemExit it stops the server first (signals can be set in the main thread only).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
+        if workers > 1:  # the catalogue as a vector store that the workers share
+            folder = Path(tempfile.mkdtemp(prefix="pmmrec-bench-store-"))
+            write_synthetic_store(folder, sizes["items"], catalogue)
+            vectors_file = (folder / "000001.vectors.npy").resolve()
+            process = _Workers(port, workers, threads, str(folder), index, search, index_cache)
+        else:
+            ready, recall_queue = context.Event(), context.Queue()
+            process = context.Process(target=_serve, args=(port, sizes["items"], threads, ready, catalogue, index,
+                                                           recall_queue, search, index_cache), daemon=True)
+            process.start()
         _wait_ready(url, process, timeout=startup)
         recall = recall_queue.get(timeout=10) if workers == 1 else None
         pids = _worker_pids(url, workers, timeout=startup) if workers > 1 else [process.pid]
@@ -389,8 +398,11 @@ def run(args) -> dict:
         server = _get_json(f"{url}/metrics", timeout=10)["routes"].get("/recommend", {})
         memory = _memory_report(pids, vectors_file, sizes["items"] * DIM * 4)
     finally:
-        process.terminate()
-        process.join(10)
+        if process is not None:
+            process.terminate()
+            process.join(10)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     ms = np.asarray(latencies) * 1000.0
