@@ -401,8 +401,8 @@ def run(args) -> dict:
         if process is not None:
             process.terminate()
             process.join(10)
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: the previous handler was not set from Python; the default is what it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     ms = np.asarray(latencies) * 1000.0
