@@ -84,6 +84,23 @@ def test_config_show_prints_resolved_config(capsys, repo):
     assert "fusion: sum" in out and "max_seq_len: 10" in out and "weight_decay: 0.1" in out
 
 
+def test_overrides_may_follow_options(capsys, repo):
+    """key=value words after an option are overrides too, applied in the order written; other leftovers, or
+    key=value for a command that takes no overrides, are still errors."""
+    tiny = str(repo / "configs/tiny.yaml")
+    assert main(["config", "show", "model.fusion=concat", "-c", tiny, "train.epochs=3", "--debug",
+                 "model.fusion=sum"]) == 0
+    out = capsys.readouterr().out
+    assert "fusion: sum" in out and "epochs: 3" in out
+    for argv in (["config", "show", "-c", tiny, "model.fusion=sum", "--bogus"],
+                 ["config", "show", "-c", tiny, "model.fusion=sum", "--debug", "stray"],
+                 ["bench", "serve", "--quick", "train.epochs=3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
 def test_bad_group_spec(capsys, tmp_path):
     assert main(["data", "prepare", "a.csv", "b.csv", "--out", str(tmp_path / "o"), "--split-by", "genres",
                  "--group", "kids"]) == 2

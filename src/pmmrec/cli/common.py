@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
-EPILOG_CONFIG = ("Overrides are dotted.key=value words after the options, e.g. model.fusion=sum train.epochs=3; "
+EPILOG_CONFIG = ("Overrides are dotted.key=value words after the options (or among them; in order, the last wins), "
+                 "e.g. model.fusion=sum train.epochs=3; "
                  "`pmmrec config show -c FILE` prints every key with its resolved value.")
 
 
