@@ -38,12 +38,10 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -312,10 +310,6 @@ def _get_json(url: str, timeout: float) -> dict:
         return json.loads(r.read())
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _wait_ready(url: str, process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -366,10 +360,8 @@ def run(args) -> dict:
     # may be built (hnsw, ivf, or auto above its threshold), 1 ms otherwise. A server that dies is reported at
     # once, whatever the allowance.
     startup = 300.0 + sizes["items"] * (0.004 if index in ("hnsw", "ivf", "auto") else 0.001)
-    # A SIGTERM (kill, a CI timeout) would end this process without its `finally`, leaving the server building or
-    # serving on its own; as SystemExit it stops the server first (signals can be set in the main thread only).
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    # Everything that starts the server sits inside the `try`, so its `finally` stops the server whatever ends the
+    # run (`pmmrec bench` turns SIGTERM into SystemExit for this).
     try:
         if workers > 1:  # the catalogue as a vector store that the workers share
             folder = Path(tempfile.mkdtemp(prefix="pmmrec-bench-store-"))
@@ -401,8 +393,6 @@ def run(args) -> dict:
         if process is not None:
             process.terminate()
             process.join(10)
-        if main_thread:  # None: the previous handler was not set from Python; the default is what it was
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     ms = np.asarray(latencies) * 1000.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
 from pathlib import Path
 
 from pmmrec.cli.common import _command
@@ -23,7 +25,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if e.name != name:
             raise
         raise NotImplementedYet(f"`pmmrec bench {args.what}` is not implemented yet") from None
-    module.run(args)
+    # Benchmarks start servers and stop them in a `finally`, which a SIGTERM (kill, a CI timeout) would skip,
+    # leaving them building or serving on their own: as SystemExit it runs. Signals are set in the main thread only.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        module.run(args)
+    finally:
+        if main_thread:  # None: the previous handler was not set from Python; the default is what it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
