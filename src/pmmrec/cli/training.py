@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from pmmrec.cli.common import _command, _common_options, _config_args, _objectives, _print_results, _prints
 from pmmrec.errors import PmmrecError
@@ -27,10 +28,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pmmrec.config import load_config
     from pmmrec.training import pretrain
 
-    if args.objectives is None:  # the recipe's objectives.pretrain (all four unless the recipe says otherwise)
-        named = load_config(args.config, args.overrides).objectives.pretrain
-        args.objectives = ",".join(named)
-    results = pretrain(load_config(args.config, [*args.overrides, _objectives(args)]), resume=args.resume)
+    explicit = args.objectives is not None
+    config = load_config(args.config, [*args.overrides, _objectives(args)] if explicit else args.overrides)
+    if not explicit:  # the recipe's objectives.pretrain (all four unless the recipe says otherwise)
+        config = replace(config, objectives=replace(config.objectives, use=list(config.objectives.pretrain)))
+    results = pretrain(config, resume=args.resume)
     for name, splits in (results.get("per_domain", {}) if _prints() else {}).items():
         metrics = splits["test"]["exclude_history"]
         print(f"{name:12s} test exclude_history HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f}")
