@@ -137,18 +137,28 @@ def run(study: Study, words: list[str], domain: Path, folder: Path, seed: int) -
 
 def gains(results: dict[tuple[str, str, int], dict]) -> str:
     """Markdown: per variant and size, the relative test NDCG@10 gain over scratch on the same target."""
+    def gain(result: dict, size: str, seed: int) -> float | None:
+        base = results[("scratch", size, seed)]["test"]["exclude_history"]["NDCG@10"]
+        return result["test"]["exclude_history"]["NDCG@10"] / base - 1 if base > 0 else None
+
+    return _table(results, "gain over scratch, test NDCG@10", gain, "{:+.1%}", "{:.1%}", skip="scratch")
+
+
+def _table(results: dict[tuple[str, str, int], dict], title: str, value, mean: str, spread: str,
+           skip: str | None = None) -> str:
+    """Markdown: a row per variant (but ``skip``), a column per size, each cell the mean ± std over seeds of
+    ``value(result, size, seed)`` (None: left out), formatted with ``mean`` and ``spread``, and how many there
+    were."""
     sizes = list(dict.fromkeys(size for _, size, _ in results))
-    names = [n for n in dict.fromkeys(name for name, _, _ in results) if n != "scratch"]
-    lines = ["| gain over scratch, test NDCG@10 | " + " | ".join(f"{s} users" for s in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    names = [n for n in dict.fromkeys(name for name, _, _ in results) if n != skip]
+    lines = [f"| {title} | " + " | ".join(f"{s} users" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for name in names:
         cells = []
         for size in sizes:
-            values = [(r["test"]["exclude_history"]["NDCG@10"] / base - 1) for (n, s, seed), r in results.items()
-                      if n == name and s == size
-                      and (base := results[("scratch", s, seed)]["test"]["exclude_history"]["NDCG@10"]) > 0]
-            spread = f" ± {statistics.stdev(values):.1%}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):+.1%}{spread} ({len(values)})" if values else "")
+            values = [v for (n, s, seed), r in results.items()
+                      if n == name and s == size and (v := value(r, s, seed)) is not None]
+            std = " ± " + spread.format(statistics.stdev(values)) if len(values) > 1 else ""
+            cells.append(f"{mean.format(statistics.mean(values))}{std} ({len(values)})" if values else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -238,17 +248,9 @@ def heldout_pop(study: Study, sample: Path, others: Path, folder: Path) -> dict:
 
 def means(results: dict[tuple[str, str, int], dict]) -> str:
     """Markdown: per variant and size, test NDCG@10 mean ± std over seeds."""
-    sizes = list(dict.fromkeys(size for _, size, _ in results))
-    lines = ["| test NDCG@10 | " + " | ".join(f"{s} users" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
-    for name in dict.fromkeys(name for name, _, _ in results):
-        cells = []
-        for size in sizes:
-            values = [r["test"]["exclude_history"]["NDCG@10"] for (n, s, _), r in results.items()
-                      if n == name and s == size]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.3f}{spread} ({len(values)})" if values else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _table(results, "test NDCG@10", lambda r, size, seed: r["test"]["exclude_history"]["NDCG@10"],
+                  "{:.3f}", "{:.3f}")
+
 
 if __name__ == "__main__":
     main()
