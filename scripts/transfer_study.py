@@ -21,7 +21,8 @@ Finished runs are reused and unfinished ones resumed, so the script can be stopp
 
     python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
         [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2] [--jobs 1]
-        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...] [--heldout]
+        [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...]
+        [--pretrain-set KEY=VALUE ...] [--heldout]
 
 Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
 """
@@ -58,9 +59,11 @@ class Study:
     # for every run, after the study's own settings: 7 ML-1M movies have no poster, then --set
     extra: list[str] = field(default_factory=lambda: ["data.missing_image=blank"])
     target_extra: list[str] = field(default_factory=list)  # --target-set: the target runs only, after extra
+    pretrain_extra: list[str] = field(default_factory=list)  # --pretrain-set: pretraining only, after extra
 
-    def run(self, folder: Path, words: list[str], resumable: bool = True, target: bool = False) -> dict:
-        extra = [*self.extra, *self.target_extra] if target else self.extra
+    def run(self, folder: Path, words: list[str], resumable: bool = True, target: bool = False,
+            pretraining: bool = False) -> dict:
+        extra = [*self.extra, *(self.target_extra if target else self.pretrain_extra if pretraining else [])]
         return run_folder(folder, [*words, f"train.cache_dir={self.out / 'cache'}", *extra], self.threads,
                           resumable)
 
@@ -90,7 +93,7 @@ def pretrain(root: Path, study: Study, objectives: str) -> Path:
     folder = study.out / "pretrain" / objectives.replace(",", "+")
     sources = ",".join(str(root / name) for name in SOURCES)
     study.run(folder, ["pretrain", "-c", str(study.recipe), "--objectives", objectives,
-                       f"data.sources=[{sources}]", f"run.dir={folder}", *PRETRAIN])
+                       f"data.sources=[{sources}]", f"run.dir={folder}", *PRETRAIN], pretraining=True)
     return folder / "checkpoints" / "best.pt"
 
 
@@ -185,6 +188,9 @@ def main() -> None:
     parser.add_argument("--target-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for the target runs only (not pretraining), after --set, e.g. "
                              "train.patience=30; use a new --out, since finished runs are reused as they are")
+    parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for pretraining only, after --set, e.g. model.feature_dropout=0.5 (a transfer "
+                             "keeps the model section of its checkpoint); use a new --out")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -194,6 +200,7 @@ def main() -> None:
     study = Study(args.out, args.recipe.resolve(), args.threads)
     study.extra.extend(args.set)
     study.target_extra.extend(args.target_set)
+    study.pretrain_extra.extend(args.pretrain_set)
     root = prepare(args.data, study)
     paths = run_all([functools.partial(pretrain, root, study, objectives) for objectives in args.pretrain], args.jobs)
     checkpoints = dict(zip(args.pretrain, paths, strict=True))

@@ -39,7 +39,8 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     cmd = [sys.executable, str(REPO / "scripts" / "transfer_study.py"), "--data", str(data), "--out", str(out),
            "--sizes", "4", "all", "--seeds", "0", "--threads", "1", "--jobs", "2",
            "--recipe", str(REPO / "configs" / "tiny.yaml"),
-           "--set", "train.epochs=1", "train.max_steps=2", "--target-set", "train.max_steps=1", "--heldout"]
+           "--set", "train.epochs=1", "train.max_steps=2", "--target-set", "train.max_steps=1",
+           "--pretrain-set", "model.feature_dropout=0.5", "--heldout"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sample = json.loads((out / "data" / "kids-4-s0" / "sample_report.json").read_text())
@@ -56,6 +57,10 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     # --target-set reaches the target runs, not pretraining
     assert "max_steps: 2" in (out / "pretrain" / "rec" / "config.yaml").read_text()
     assert "max_steps: 1" in (out / "runs" / "4-s0" / "scratch" / "config.yaml").read_text()
+    # --pretrain-set reaches pretraining only; a transfer keeps its checkpoint's model section
+    assert "feature_dropout: 0.5" in (out / "pretrain" / "rec" / "config.yaml").read_text()
+    assert "feature_dropout: 0.0" in (out / "runs" / "4-s0" / "scratch" / "config.yaml").read_text()
+    assert "feature_dropout: 0.5" in (out / "runs" / "4-s0" / "transfer-full-rec" / "config.yaml").read_text()
     zero = json.loads((out / "runs" / "4-s0" / "zero-shot-rec" / "results.json").read_text())
     assert zero["evaluated"]["zero_shot"] is True and zero["num_users"] == 4
     # --heldout: each sample's models evaluated on the 8 kids users the sample did not draw

@@ -82,6 +82,9 @@ class ModelConfig:
     # with probability id_dropout, so an item without an ID (cold start, a new domain) is its content vector alone.
     item_tower: Literal["content", "id", "content+id"] = "content"
     id_dropout: float = 0.1  # content+id: probability that an item's ID embedding is left out in a training step
+    # Dropout on each modality's encoder output before its projection (training only): a regulariser for the item
+    # tower, so that it maps content to vectors that hold for items it never trained on (zero-shot, transfer).
+    feature_dropout: float = 0.0
     user_encoder: UserEncoderName = "sasrec"
     num_blocks: int = 2  # SASRec blocks (paper: 2)
     num_heads: int = 2  # SASRec heads (paper: 2)
@@ -98,6 +101,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if not 0.0 <= self.id_dropout <= 1.0:
             raise ConfigError(f"model.id_dropout must be in [0, 1] (got {self.id_dropout})")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ConfigError(f"model.feature_dropout must be in [0, 1) (got {self.feature_dropout})")
 
 
 @dataclass

@@ -49,6 +49,8 @@ class ItemEncoder(nn.Module):
         if self.modality == "multimodal":
             self.fusion = build_fusion(model)
         self.id_dropout = model.id_dropout
+        # None at 0, so that a model without it draws no random numbers for it (runs stay as they were)
+        self.feature_dropout = nn.Dropout(model.feature_dropout) if model.feature_dropout > 0 else None
         if self.tower == "content+id":  # built after the content parts, which then start as a content tower's
             self.id_embedding = nn.Embedding(num_items + 1, model.dim, padding_idx=0)
             nn.init.zeros_(self.id_embedding.weight)
@@ -82,15 +84,19 @@ class ItemEncoder(nn.Module):
                 self.text(items.text_ids, mask)
             if pool:
                 states, mask = masked_mean(states, mask)[:, None], mask.new_ones(len(states), 1)
-            out.text, out.text_mask = self.text_proj(states), mask  # (N, T, D), or (N, 1, D) pooled
+            out.text, out.text_mask = self.text_proj(self._drop(states)), mask  # (N, T, D), or (N, 1, D) pooled
         if self.vision is not None:
             states = self.vision.top(items.image_states.float()) if items.image_states is not None else \
                 self.vision(items.images)  # (N, P, H)
             if pool:
                 states = states.mean(dim=1, keepdim=True)  # (N, 1, H)
-            out.image = self.vision_proj(states)  # (N, P, D), or (N, 1, D) pooled
+            out.image = self.vision_proj(self._drop(states))  # (N, P, D), or (N, 1, D) pooled
             out.image_mask = torch.ones(out.image.shape[:2], dtype=torch.long, device=out.image.device)
         return out
+
+    def _drop(self, states: Tensor) -> Tensor:
+        """``model.feature_dropout`` on an encoder's output, before its projection (training only)."""
+        return states if self.feature_dropout is None else self.feature_dropout(states)
 
     def fuse(self, tokens: ModalityTokens) -> Tensor:
         """Per-modality tokens -> (N, D) item vectors (mean pooling when there is one modality)."""

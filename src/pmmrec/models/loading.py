@@ -65,11 +65,21 @@ def load_model(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
 def build_model(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> LoadedModel:
     """The model of a checkpoint already read (:func:`read_checkpoint`), as :func:`load_model` returns it."""
     model = PMMRec(checkpoint.config, len(checkpoint.item_ids))
-    model.load_state_dict(checkpoint.state["model"])
+    try:
+        model.load_state_dict(checkpoint.state["model"])
+    except RuntimeError as e:  # names or shapes differ: the config (with overrides) is not the trained architecture
+        raise PmmrecError(f"{checkpoint.path}: its weights do not fit the model its config builds (an override of "
+                          f"model, text or vision settings?): {_first_error(e)}") from e
     model.to(device).eval()
     data = checkpoint.state["config"].get("data", {})
     trained_on = [str(d) for d in (data.get("sources") or [data.get("domain")]) if d]
     return LoadedModel(model, checkpoint.config, checkpoint.item_ids, checkpoint.path, trained_on)
+
+
+def _first_error(e: RuntimeError) -> str:
+    """The first specific line of torch's load_state_dict error (its first line only names the module)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0] if lines else ""
 
 
 def id_rows(trained_ids: list[str], catalogue_ids: list[str]) -> np.ndarray | None:

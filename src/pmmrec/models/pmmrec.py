@@ -97,6 +97,11 @@ class PMMRec(nn.Module):
             prefix = key[len(FROZEN_DIGEST) + 1:] + "."
             if prefixes is not None and prefix not in prefixes:
                 continue
+            if not any(name.startswith(prefix) for name in own):
+                raise PmmrecError(
+                    f"the checkpoint has {prefix.rstrip('.')} but this model has none: its config (with the "
+                    "overrides given) builds another architecture, e.g. another model.modality; a checkpoint is "
+                    "evaluated and served as it was trained (pmmrec transfer changes the modality)")
             omitted = [name for name in own if name.startswith(prefix) and name not in state]
             if not torch.equal(tensors_digest(own, omitted), digest.to(torch.uint8)):
                 raise PmmrecError(

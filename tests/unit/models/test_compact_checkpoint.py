@@ -63,3 +63,18 @@ def test_a_strict_load_still_reports_really_missing_tensors():
     del state[next(k for k in state if k.startswith("user_encoder."))]
     with pytest.raises(RuntimeError, match="missing"):
         build().load_state_dict(state)
+
+
+def test_a_model_built_without_a_part_of_the_checkpoint_is_told_which():
+    state = build().checkpoint_state()
+    with pytest.raises(PmmrecError, match="has item_encoder.vision but this model has none.*model.modality"):
+        build("model.modality=text").load_state_dict(state)
+
+
+def test_weights_that_do_not_fit_the_overridden_config_are_a_clear_error():
+    from pmmrec.models.loading import Checkpoint, build_model
+
+    state = build("vision.trainable_layers=0").checkpoint_state()  # every stored tensor is a trainable one
+    config = load_config(None, [*OVERRIDES, "vision.trainable_layers=0", "model.dim=8"])
+    with pytest.raises(PmmrecError, match="ckpt.pt: its weights do not fit the model its config builds.*size mismatch"):
+        build_model(Checkpoint("ckpt.pt", {"model": state}, config, ["a", "b", "c", "d", "e"]))
