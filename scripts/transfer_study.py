@@ -22,7 +22,7 @@ Finished runs are reused and unfinished ones resumed, so the script can be stopp
     python scripts/transfer_study.py [--data ../shared/datasets/movielens-1m] [--out runs/transfer]
         [--sizes 100 300 1000 all] [--seeds 0 1 2] [--pretrain rec] [--threads 2] [--jobs 1]
         [--recipe configs/real-cpu.yaml] [--set KEY=VALUE ...] [--target-set KEY=VALUE ...]
-        [--pretrain-set KEY=VALUE ...] [--heldout]
+        [--pretrain-set KEY=VALUE ...] [--parts full item_encoder user_encoder] [--heldout]
 
 Needs the MovieLens-1M files (ratings.csv, movies.csv, posters/); never commit them or anything made from them.
 """
@@ -60,6 +60,7 @@ class Study:
     extra: list[str] = field(default_factory=lambda: ["data.missing_image=blank"])
     target_extra: list[str] = field(default_factory=list)  # --target-set: the target runs only, after extra
     pretrain_extra: list[str] = field(default_factory=list)  # --pretrain-set: pretraining only, after extra
+    parts: tuple[str, ...] = PARTS  # --parts: what of the first pretraining is transferred
 
     def run(self, folder: Path, words: list[str], resumable: bool = True, target: bool = False,
             pretraining: bool = False) -> dict:
@@ -103,7 +104,7 @@ def variants(study: Study, checkpoints: dict[str, Path], first: str) -> dict[str
     out = {"pop": ["baseline", "pop", "-c", recipe], "scratch": ["train", "-c", recipe]}
     for objectives, checkpoint in checkpoints.items():
         tag = objectives.replace(",", "+")
-        for part in PARTS if objectives == first else ("full",):
+        for part in study.parts if objectives == first else ("full",):
             out[f"transfer-{part}-{tag}"] = ["transfer", "-c", recipe, "--from", str(checkpoint),
                                              f"transfer.parts={part}"]
         out[f"zero-shot-{tag}"] = ["evaluate", "--checkpoint", str(checkpoint)]
@@ -191,6 +192,9 @@ def main() -> None:
     parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for pretraining only, after --set, e.g. model.feature_dropout=0.5 (a transfer "
                              "keeps the model section of its checkpoint); use a new --out")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what of the first --pretrain set is transferred (default: all three); the other sets "
+                             "are transferred in full")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -201,6 +205,7 @@ def main() -> None:
     study.extra.extend(args.set)
     study.target_extra.extend(args.target_set)
     study.pretrain_extra.extend(args.pretrain_set)
+    study.parts = tuple(dict.fromkeys(args.parts))
     root = prepare(args.data, study)
     paths = run_all([functools.partial(pretrain, root, study, objectives) for objectives in args.pretrain], args.jobs)
     checkpoints = dict(zip(args.pretrain, paths, strict=True))

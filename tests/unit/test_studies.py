@@ -67,3 +67,22 @@ def test_run_all_keeps_the_order_runs_jobs_at_once_and_stops_starting_tasks_afte
     assert 0 in started and len(started) < 8  # the tasks not started when it failed were cancelled
     with pytest.raises(ValueError, match="jobs must be at least 1"):
         studies.run_all([task(0)], jobs=0)
+
+
+def test_transfer_study_transfers_the_parts_asked_for_and_routes_each_override_set(monkeypatch):
+    import transfer_study  # scripts/ is on the path (above)
+
+    study = transfer_study.Study(Path("out"), Path("recipe.yaml"), extra=["a=1"], target_extra=["t=1"],
+                                 pretrain_extra=["p=1"], parts=("full",))
+    names = transfer_study.variants(study, {"rec": Path("r.pt"), "rec,nicl": Path("n.pt")}, "rec")
+    assert set(names) == {"pop", "scratch", "transfer-full-rec", "zero-shot-rec", "transfer-full-rec+nicl",
+                          "zero-shot-rec+nicl"}
+    study.parts = transfer_study.PARTS
+    assert {"transfer-item_encoder-rec", "transfer-user_encoder-rec"} <= set(
+        transfer_study.variants(study, {"rec": Path("r.pt")}, "rec"))
+    seen = []
+    monkeypatch.setattr(transfer_study, "run_folder", lambda folder, words, threads, resumable: seen.append(words))
+    study.run(Path("f"), ["train"], target=True)
+    study.run(Path("f"), ["pretrain"], pretraining=True)
+    study.run(Path("f"), ["evaluate"])
+    assert [w[2:] for w in seen] == [["a=1", "t=1"], ["a=1", "p=1"], ["a=1"]]
