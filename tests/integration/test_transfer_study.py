@@ -92,3 +92,8 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     assert rows[0]["ratio"] == 0 and len(rows) == 9
     zero_all = json.loads((out / "runs" / "all-s0" / "zero-shot-rec" / "results.json").read_text())
     assert rows[0]["test"] == zero_all["test"]
+    chosen = next(r for r in rows if r["ratio"] == json.loads(prior.read_text())["chosen_ratio"])
+    paired = json.loads(prior.read_text())["chosen_minus_popularity"]
+    assert paired["users"] == zero_all["num_users"]
+    assert abs(paired["mean"] - (chosen["test"]["exclude_history"]["NDCG@10"]
+                                 - rows[-1]["test"]["exclude_history"]["NDCG@10"])) < 1e-9

@@ -86,3 +86,16 @@ def test_transfer_study_transfers_the_parts_asked_for_and_routes_each_override_s
     study.run(Path("f"), ["pretrain"], pretraining=True)
     study.run(Path("f"), ["evaluate"])
     assert [w[2:] for w in seen] == [["a=1", "t=1"], ["a=1", "p=1"], ["a=1"]]
+
+
+def test_zero_shot_prior_pairs_two_rankings_user_by_user():
+    import torch
+    from zero_shot_prior import paired_difference
+
+    # NDCG@10 per user: [1, 0, 0] against [1/log2(3), 1, 0] (rank -1: not ranked; 12: beyond k)
+    out = paired_difference(torch.tensor([0, -1, 12]), torch.tensor([1, 0, 12]))
+    assert out["users"] == 3 and out["metric"] == "NDCG@10"
+    assert out["mean"] == pytest.approx((1 - 1 / 1.584962500721156 - 1) / 3)
+    assert out["ci95"][0] <= out["mean"] <= out["ci95"][1]
+    same = paired_difference(torch.tensor([3, 4]), torch.tensor([3, 4]))
+    assert same["mean"] == 0 and same["ci95"] == [0, 0]
