@@ -190,8 +190,8 @@ def main() -> None:
                         help="overrides for the target runs only (not pretraining), after --set, e.g. "
                              "train.patience=30; use a new --out, since finished runs are reused as they are")
     parser.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="overrides for pretraining only, after --set, e.g. model.feature_dropout=0.5 (a transfer "
-                             "keeps the model section of its checkpoint); use a new --out")
+                        help="overrides for pretraining only, after --set, e.g. model.feature_dropout=0.5 (which a "
+                             "transfer does not inherit; the rest of the model section it does); use a new --out")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what of the first --pretrain set is transferred (default: all three); the other sets "
                              "are transferred in full")

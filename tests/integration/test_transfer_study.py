@@ -57,10 +57,10 @@ def test_the_study_runs_every_variant_and_writes_the_curve_and_the_gains(tmp_pat
     # --target-set reaches the target runs, not pretraining
     assert "max_steps: 2" in (out / "pretrain" / "rec" / "config.yaml").read_text()
     assert "max_steps: 1" in (out / "runs" / "4-s0" / "scratch" / "config.yaml").read_text()
-    # --pretrain-set reaches pretraining only; a transfer keeps its checkpoint's model section
+    # --pretrain-set reaches pretraining only (and a transfer does not inherit model.feature_dropout)
     assert "feature_dropout: 0.5" in (out / "pretrain" / "rec" / "config.yaml").read_text()
     assert "feature_dropout: 0.0" in (out / "runs" / "4-s0" / "scratch" / "config.yaml").read_text()
-    assert "feature_dropout: 0.5" in (out / "runs" / "4-s0" / "transfer-full-rec" / "config.yaml").read_text()
+    assert "feature_dropout: 0.0" in (out / "runs" / "4-s0" / "transfer-full-rec" / "config.yaml").read_text()
     zero = json.loads((out / "runs" / "4-s0" / "zero-shot-rec" / "results.json").read_text())
     assert zero["evaluated"]["zero_shot"] is True and zero["num_users"] == 4
     # --heldout: each sample's models evaluated on the 8 kids users the sample did not draw
