@@ -54,7 +54,14 @@ def transfer_config(checkpoint: dict[str, Any], recipe: str | None, overrides: l
     stored = {key: {k: v for k, v in checkpoint["config"][key].items() if k not in NOT_INHERITED.get(key, ())}
               for key in ARCHITECTURE}
     stored["data"] = {"max_seq_len": checkpoint["config"]["data"]["max_seq_len"]}  # sizes SASRec's positions
-    return load_config(recipe, overrides, base=stored, base_source=f"{source} (stored config)")
+    config = load_config(recipe, overrides, base=stored, base_source=f"{source} (stored config)")
+    for section, keys in NOT_INHERITED.items():
+        for key in keys:
+            pretrained, now = checkpoint["config"][section].get(key), getattr(getattr(config, section), key)
+            if pretrained is not None and pretrained != now:
+                log.info("%s.%s: %s in %s, %s for this run (not inherited by a transfer)", section, key, pretrained,
+                         source, now)
+    return config
 
 
 def load_parts(model: PMMRec, state: dict[str, torch.Tensor], parts: str) -> TransferReport:
