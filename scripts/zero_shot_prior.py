@@ -26,7 +26,7 @@ import torch
 
 from pmmrec.data.sources import eval_splits, load_split
 from pmmrec.evaluation.evaluator import SplitEvaluator, user_vectors
-from pmmrec.evaluation.metrics import metrics_from_ranks
+from pmmrec.evaluation.metrics import metrics_from_ranks, per_user_metrics
 from pmmrec.evaluation.ranking import EXCLUDE_HISTORY, PROTOCOLS, rank_targets
 from pmmrec.models.features import run_feature_store
 from pmmrec.models.loading import id_rows, load_model
@@ -84,14 +84,11 @@ def main() -> None:
 def paired_difference(ranks: torch.Tensor, others: torch.Tensor, k: int = 10, samples: int = 2000) -> dict:
     """Test NDCG@k of one ranking minus another's, user by user (0-based ranks, -1 = not ranked): the mean and a
     95% percentile bootstrap interval over users (seeded), so that a small difference is read with its noise."""
-    def ndcg(r: torch.Tensor) -> np.ndarray:
-        r = r.double().numpy()
-        return np.where((r >= 0) & (r < k), 1.0 / np.log2(np.clip(r, 0, None) + 2.0), 0.0)
-
-    diff = ndcg(ranks) - ndcg(others)
+    metric = f"NDCG@{k}"
+    diff = (per_user_metrics(ranks, k)[metric] - per_user_metrics(others, k)[metric]).numpy()
     rng = np.random.default_rng(0)
     means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(samples)])
-    return {"metric": f"NDCG@{k}", "users": len(diff), "mean": float(diff.mean()),
+    return {"metric": metric, "users": len(diff), "mean": float(diff.mean()),
             "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
 
 
