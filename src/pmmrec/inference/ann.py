@@ -26,6 +26,8 @@ kind and its build settings, the seed and the faiss version. The next start with
 **memory-mapped** (``IO_FLAG_MMAP_IFC``: the vectors it holds, the bulk of it, are pages of the file that every
 process serving it shares) instead of building it; a catalogue that changed gets a new key, so a stale index is
 never used. The search settings (``efSearch``, ``nprobe``) are not part of the key: they are set after reading.
+A cache folder that cannot be written (an exported store on a read-only volume) is still read; an index not found
+there is cached in the user's own folder instead (:func:`user_cache_dir`), so it is built once, not at every start.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ log = logging.getLogger(__name__)
 
 IndexKind = Literal["auto", "exact", "hnsw", "ivf"]
 INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "hnsw", "ivf")
-# Provisional, to be confirmed by `pmmrec bench serve` on an idle machine (README "Recommending and serving").
-# Exact scoring is linear in the catalogue (bench eval: 518 users/s against 1,000,000 items of dim 64 on 2 cores,
-# ~1.9 ms a user, 10x the cost at 100,000 items), and at 100,000 items bench serve's p99 (50 clients, 2 cores) is
-# already at the 50 ms target (median 46.6 ms of 9 runs): past that, exact scoring cannot hold it on 2 cores.
-AUTO_EXACT_MAX_ITEMS = 100_000
+# Where exact scoring stops being the cheaper search (README "Large catalogues"; `pmmrec bench serve --items N
+# --index exact|hnsw`, 2 cores, 50 clients, random vectors, 2026-12-05): HNSW at its default settings (M=64,
+# efSearch 512, recall@10 0.998-1.0) costs about as much CPU a request whatever the catalogue (server CPU for 5,000
+# requests 11-21 s from 100,000 to 1,000,000 items) while exact scoring grows linearly (5.0 s at 100,000, 21.3 s at
+# 1,000,000); p99 exact / HNSW: 59 / 103 ms at 100,000, 72 / 152 at 200,000, 102 / 165 at 400,000, 175 / 153 at
+# 1,000,000. The crossover is near 900,000 items on a CPU with bfloat16 products (exact search shortlists in
+# bfloat16 there), and by that cost model near 600,000 on one without (float32 scoring ~1.7x dearer); 500,000 is below
+# both. Above it neither search holds a 50 ms p99 on 2 cores.
+AUTO_EXACT_MAX_ITEMS = 500_000
 # What `auto` uses above the threshold. bench recall, recall@10 (random / clustered vectors): HNSW at its defaults
 # 1.000 / 0.976 at 100,000 items and 1.000 / 0.991 at 300,000; IVF at 100,000 items 0.51 / 0.66 at nprobe 64, and
 # still 0.83 / 0.90 at nprobe 256 (README).
@@ -66,6 +72,24 @@ AUTO_KIND = "hnsw"
 INDEX_FORMAT = 1
 INDEX_CACHE = "index"  # the cache folder's name inside a vector store
 INDEX_CACHE_KEEP = 3  # index files kept in a cache folder, newest first (others are deleted after a write)
+CACHE_ENV = "PMMREC_CACHE_DIR"  # pmmrec's own cache folder (default $XDG_CACHE_HOME/pmmrec, else ~/.cache/pmmrec)
+
+
+def user_cache_dir() -> Path:
+    """pmmrec's own cache folder: ``$PMMREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/pmmrec``, else ``~/.cache/pmmrec``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "pmmrec"
+
+
+def can_write(folder: Path) -> bool:
+    """Whether files can be created in ``folder``, or, where it does not exist yet, in its nearest existing parent
+    (where it would be made): write and search permission, on a file system mounted writable."""
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    return False
 
 
 @dataclass(frozen=True)
@@ -174,7 +198,8 @@ class ApproximateIndex:
         # (N, D): index row i = item i+1. One float32 block (a memory map) is passed as it is, not copied.
         items = np.ascontiguousarray(blocks.rows(1, self.count + 1).float().cpu().numpy())
         started = time.perf_counter()
-        self.cache_path = Path(cache) / f"{kind}-{self._key(items, faiss)}.faiss" if cache is not None else None
+        self.cache_path = _cache_file(Path(cache), f"{kind}-{self._key(items, faiss)}.faiss") \
+            if cache is not None else None
         index = self._read_cached(faiss)
         self.cached = index is not None  # read back from the cache, not built here
         if index is None:
@@ -331,6 +356,17 @@ class ApproximateIndex:
             self.fallbacks += len(redo)
             best[redo], items[redo] = topk_items(users[redo], vectors, k, excl[redo])
         return best, items
+
+
+def _cache_file(folder: Path, name: str) -> Path:
+    """Where index file ``name`` of cache ``folder`` is read and written: in ``folder`` when it holds the file or
+    can be written; else in a folder of its own under :func:`user_cache_dir` (one for each cache folder, so that
+    pruning one never deletes another's index)."""
+    if (folder / name).is_file() or can_write(folder):
+        return folder / name
+    own = user_cache_dir() / INDEX_CACHE / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    log.info("index cache %s cannot be written; the index is cached in %s instead", folder, own)
+    return own / name
 
 
 def _distinct(excl: Tensor) -> Tensor:

@@ -282,3 +282,49 @@ def test_a_damaged_index_cache_is_rebuilt_and_old_ones_are_pruned(exact, tmp_pat
     for nlist in (8, 12):
         ApproximateIndex(vectors, "ivf", IndexSettings(ivf_nlist=nlist), cache=tmp_path)
     assert len(list(tmp_path.glob("*.faiss"))) == 2 and not built.cache_path.exists()  # the oldest went
+
+
+@needs_faiss
+def test_an_index_cache_that_cannot_be_written_is_read_and_new_indexes_go_to_the_users_cache(exact, tmp_path,
+                                                                                             caplog, monkeypatch):
+    """A read-only cache folder (an exported store on a read-only volume) is still read, and an index it lacks is
+    cached under $PMMREC_CACHE_DIR, so that the next start reads it back instead of building it again."""
+    import pmmrec.inference.ann as ann
+
+    vectors = exact.catalogue.snapshot().vectors
+    settings = IndexSettings(ivf_nlist=16, ivf_nprobe=16)
+    store, own = tmp_path / "store" / "index", tmp_path / "user-cache"
+    monkeypatch.setenv(ann.CACHE_ENV, str(own))
+    built = ApproximateIndex(vectors, "ivf", settings, cache=store)  # writable: cached in the store
+    assert built.cache_path.parent == store
+    monkeypatch.setattr(ann, "can_write", lambda folder: False)  # the store's volume is now read-only
+    assert ApproximateIndex(vectors, "ivf", settings, cache=store).cached  # what it holds is still read
+    other = IndexSettings(ivf_nlist=8, ivf_nprobe=8)
+    with caplog.at_level(logging.INFO, logger="pmmrec.inference.ann"):
+        first = ApproximateIndex(vectors, "ivf", other, cache=store)
+    assert not first.cached and first.cache_path.is_file() and first.cache_path.is_relative_to(own / "index")
+    assert f"index cache {store} cannot be written" in caplog.text and "could not write" not in caplog.text
+    again = ApproximateIndex(vectors, "ivf", other, cache=store)
+    assert again.cached and again.cache_path == first.cache_path
+    assert sorted(p.name for p in store.iterdir()) == [built.cache_path.name]  # nothing written to the store
+
+
+def test_can_write_looks_at_the_nearest_folder_that_exists(tmp_path):
+    from pmmrec.inference.ann import can_write
+
+    assert can_write(tmp_path) and can_write(tmp_path / "not" / "yet")  # made on first write
+    (tmp_path / "file").write_text("x")
+    assert not can_write(tmp_path / "file") and not can_write(tmp_path / "file" / "index")
+
+
+def test_user_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from pmmrec.inference.ann import CACHE_ENV, user_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert user_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir() == tmp_path / "xdg" / "pmmrec"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir() == tmp_path / "home" / ".cache" / "pmmrec"
