@@ -62,7 +62,7 @@ INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "hnsw", "ivf")
 # 1,000,000); p99 exact / HNSW: 59 / 103 ms at 100,000, 72 / 152 at 200,000, 102 / 165 at 400,000, 175 / 153 at
 # 1,000,000. The crossover is near 900,000 items on a CPU with bfloat16 products (exact search shortlists in
 # bfloat16 there), and by that cost model near 600,000 on one without (float32 scoring ~1.7x dearer); 500,000 is below
-# both. Above it neither search holds a 50 ms p99 on 2 cores.
+# both. (Past about 100,000 items neither search holds a 50 ms p99 with 50 clients on 2 cores.)
 AUTO_EXACT_MAX_ITEMS = 500_000
 # What `auto` uses above the threshold. bench recall, recall@10 (random / clustered vectors): HNSW at its defaults
 # 1.000 / 0.976 at 100,000 items and 1.000 / 0.991 at 300,000; IVF at 100,000 items 0.51 / 0.66 at nprobe 64, and
