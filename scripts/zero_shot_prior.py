@@ -66,7 +66,8 @@ def main() -> None:
             u = torch.cat([users[name], torch.ones(len(users[name]), 1)], dim=1)
             ranks = rank_targets(u, weighted, seqs.targets, seqs.histories)
             row[name] = {protocol: metrics_from_ranks(ranks[protocol], config.eval.ks) for protocol in PROTOCOLS}
-        test_ranks.append(ranks[EXCLUDE_HISTORY])
+            if name == "test":
+                test_ranks.append(ranks[EXCLUDE_HISTORY])
         rows.append(row)
         print(f"r={ratio:g}: valid NDCG@10 {row['valid']['exclude_history']['NDCG@10']:.4f}, "
               f"test {row['test']['exclude_history']['NDCG@10']:.4f}")
